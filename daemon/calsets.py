@@ -1,0 +1,282 @@
+"""Calibration sets: which frames belong together, when a set is complete, and building its master.
+
+A set is the calibration frames of one night that share the match keys (plus exposure for darks, filter for flats
+and the set-point). It is complete with at least ``min_frames`` frames and either a quiet time with nothing new for
+it, or a newer frame of another set or a light. Frames arriving later rebuild the master as a new version; the old
+one stays, marked superseded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.archive import now_iso
+from daemon.choose import find_master
+from service.fitsio import sha256_file, write_fits_atomic
+from service.frame import Image
+from service.masters import bad_pixel_mask, make_master_bias, make_master_dark, make_master_flat
+from service.safepath import safe_component
+
+if TYPE_CHECKING:
+    from daemon.pipeline import Pipeline
+
+__all__ = ["CalSet", "build_master", "ready_sets"]
+
+log = logging.getLogger("nightshift.masters")
+
+CAL_KINDS = ("bias", "darkflat", "dark", "flat")  # build order: what later kinds need comes first
+
+
+@dataclass
+class CalSet:
+    kind: str
+    key: str
+    slug: str
+    frames: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def new_frames(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["status"] == "ingested"]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.frames[0]
+
+
+def set_key(frame: dict[str, Any], match_keys: list[str]) -> tuple[str, str]:
+    """(key, file-name slug) of the calibration set ``frame`` belongs to."""
+    parts = [frame["kind"], frame["night"]] + [f"{k}={frame.get(k)}" for k in match_keys]
+    st = frame.get("set_temp")
+    parts.append(f"set_temp={round(st) if st is not None else None}")
+    slug_parts = [
+        safe_component(frame.get("camera"), max_len=24),
+        f"{frame.get('xbin') or 1}x{frame.get('ybin') or 1}",
+    ]
+    if frame["kind"] in ("dark", "darkflat"):
+        parts.append(f"exptime={frame['exptime']:g}")
+        slug_parts.append(f"{frame['exptime']:g}s")
+    if frame["kind"] == "flat":
+        parts.append(f"filter={frame.get('filter')}")
+        slug_parts.append(safe_component(frame.get("filter"), default="nofilter"))
+    if st is not None:
+        slug_parts.append(f"{round(st):+d}C")
+    return "|".join(parts), "_".join(slug_parts)
+
+
+def _merge_unstated(rows: list[dict[str, Any]], match_keys: list[str]) -> dict[str, CalSet]:
+    """Group frames into sets by their keys, letting a key a header does not state match any value.
+
+    Capture programs differ in what they write (one states the gain, another only the set-point), so groups
+    that agree on every key both state are merged, most informative first. A set keeps the key of its earliest
+    frame, so its masters' versions follow each other as frames arrive.
+    """
+    groups: dict[str, CalSet] = {}
+    for r in rows:
+        key, slug = set_key(r, match_keys)
+        groups.setdefault(key, CalSet(r["kind"], key, slug)).frames.append(r)
+    keys = [*match_keys, "set_temp", "exptime", "filter"]
+
+    def stated(s: CalSet) -> dict[str, Any]:
+        return {k: s.first.get(k) for k in keys if s.first.get(k) is not None}
+
+    clusters: list[tuple[dict[str, Any], list[CalSet]]] = []
+    for s in sorted(groups.values(), key=lambda g: -len(stated(g))):
+        mine = stated(s)
+        fits_ = [c for c in clusters if c[1][0].kind == s.kind and all(c[0].get(k, v) == v for k, v in mine.items())]
+        if len(fits_) == 1:
+            fits_[0][0].update(mine)
+            fits_[0][1].append(s)
+        else:
+            clusters.append((dict(mine), [s]))
+    out: dict[str, CalSet] = {}
+    for _profile, members in clusters:
+        frames = sorted((f for m in members for f in m.frames), key=lambda f: f["id"])
+        head = next(m for m in members if frames[0] in m.frames)
+        out[head.key] = CalSet(head.kind, head.key, head.slug, frames)
+    return out
+
+
+def _sets(p: Pipeline) -> Iterator[CalSet]:
+    nights = [
+        r["night"]
+        for r in p.archive.query(
+            "SELECT DISTINCT night FROM frames WHERE status = 'ingested' AND kind IN ('bias','dark','flat','darkflat')"
+        )
+    ]
+    for night in nights:
+        rows = p.archive.query(
+            "SELECT * FROM frames WHERE night = ? AND kind IN ('bias','dark','flat','darkflat') "
+            "AND status IN ('ingested', 'used') ORDER BY id",
+            [night],
+        )
+        groups = _merge_unstated(rows, p.config.calibration.match_keys)
+        for kind in CAL_KINDS:
+            for s in groups.values():
+                if s.kind == kind and s.new_frames:
+                    yield s
+
+
+def _age_seconds(iso: str) -> float:
+    return time.time() - datetime.fromisoformat(iso + "+00:00").timestamp()
+
+
+def ready_sets(p: Pipeline, *, end_of_night: bool = False) -> Iterator[tuple[CalSet, str]]:
+    """Sets whose master should be built now, with the reason they count as complete."""
+    cfg = p.config.calibration
+    newest_id = p.archive.scalar("SELECT MAX(id) FROM frames WHERE status != 'quarantined'") or 0
+    for s in _sets(p):
+        n = len(s.frames)
+        need = cfg.min_frames.get(s.kind, 3)
+        if n < need:
+            if end_of_night and s.new_frames:
+                p.note_incomplete_set(s, f"only {n} of the {need} frames needed for a master {s.kind}")
+            continue
+        last = max(f["id"] for f in s.frames)
+        if end_of_night:
+            why = "end of the night"
+        elif newest_id > last and p.archive.scalar(
+            "SELECT COUNT(*) FROM frames WHERE id > ? AND status != 'quarantined'", [last]
+        ):
+            why = "a frame of another set arrived"
+        elif _age_seconds(max(f["first_seen"] for f in s.frames)) >= cfg.set_quiet_seconds:
+            why = f"no new frame for {cfg.set_quiet_seconds:g} s"
+        else:
+            continue
+        yield s, why
+
+
+def _load(p: Pipeline, master: dict[str, Any] | None) -> Image | None:
+    return None if master is None else p.masters.get(master)
+
+
+def build_master(p: Pipeline, s: CalSet, why: str, *, end_of_night: bool = False) -> int | None:
+    """Build (or rebuild) the master of ``s``. Returns the master id, or None when it must wait."""
+    cfg = p.config.calibration
+    first = s.first
+    bias = dark = darkflat = None
+    notes: list[str] = [f"complete: {why}"]
+    if s.kind in ("dark", "darkflat", "flat"):
+        bias = find_master(p.archive, cfg, "bias", first)
+        if bias is None and not end_of_night:
+            p.note_waiting_set(s, f"waiting for a master bias to subtract from the {s.kind}s")
+            return None
+        notes.append(f"bias: master #{bias['id']}" if bias else "no master bias: built without bias subtraction")
+    if s.kind == "flat":
+        darkflat = find_master(p.archive, cfg, "darkflat", first, exptime=first["exptime"])
+        if darkflat is None:
+            dark = find_master(p.archive, cfg, "dark", first, exptime=first["exptime"])
+        if darkflat is not None:
+            notes.append(f"darkflat: master #{darkflat['id']}")
+        elif dark is not None:
+            notes.append(f"dark: master #{dark['id']} (same exposure)")
+    paths = [Path(f["path"]) for f in s.frames]
+    inputs = [f"{Path(f['path']).name} sha256:{(f['sha256'] or '')[:16]}" for f in s.frames]
+    mem = int(cfg.mem_limit_mb * 2**20)
+    with p.metrics.stage("master"):
+        bias_img, dark_img, darkflat_img = _load(p, bias), _load(p, dark), _load(p, darkflat)
+        if s.kind == "bias":
+            img = make_master_bias(paths, inputs_note=inputs, sigma=cfg.sigma, mem_limit_bytes=mem)
+            method = f"sigclip-average {cfg.sigma:g}"
+        elif s.kind in ("dark", "darkflat"):
+            img = make_master_dark(
+                paths,
+                bias=bias_img,
+                method=cfg.dark_method,
+                sigma=cfg.sigma,
+                inputs_note=inputs,
+                mem_limit_bytes=mem,
+            )
+            method = f"bias-subtracted {cfg.dark_method}" if bias_img is not None else cfg.dark_method
+            if s.kind == "dark":
+                img.mask = bad_pixel_mask(dark=img, hot_sigma=cfg.hot_sigma)
+        else:
+            img = make_master_flat(
+                paths,
+                bias=bias_img,
+                dark=dark_img,
+                darkflat=darkflat_img,
+                method=cfg.flat_method,
+                sigma=cfg.sigma,
+                inputs_note=inputs,
+                mem_limit_bytes=mem,
+            )
+            method = f"median-scaled {cfg.flat_method}, normalised to median 1"
+            img.mask = bad_pixel_mask(flat=img, low=cfg.flat_low, high=cfg.flat_high)
+        version = 1 + (p.archive.scalar("SELECT MAX(version) FROM masters WHERE set_key = ?", [s.key]) or 0)
+        path = p.layout.master(s.kind, s.slug, first["night"], version)
+        img.header["NSVERSN"] = (version, "nightshift master version for this set")
+        write_fits_atomic(path, img)
+    sha = sha256_file(path)
+    dates = sorted(f["date_obs"] for f in s.frames)
+    temps = [f["ccd_temp"] for f in s.frames if f.get("ccd_temp") is not None]
+    row = {
+        "kind": s.kind,
+        "path": p.layout.relative(path),
+        "sha256": sha,
+        "mask_path": None,
+        "n_frames": len(s.frames),
+        "set_key": s.key,
+        "version": version,
+        "superseded_by": None,
+        "night": first["night"],
+        "date_obs": dates[len(dates) // 2],
+        "set_temp": first.get("set_temp"),
+        "ccd_temp": sum(temps) / len(temps) if temps else None,
+        "filter": first.get("filter") if s.kind == "flat" else None,
+        "exptime": first["exptime"] if s.kind in ("dark", "darkflat", "flat") else 0.0,
+        "method": method,
+        "bias_subtracted": int(s.kind in ("dark", "darkflat", "flat") and bias is not None),
+        "bias_id": bias["id"] if bias else None,
+        "dark_id": (darkflat or dark or {}).get("id"),
+        "note": "; ".join(notes),
+        "created_at": now_iso(),
+    }
+    if img.mask is not None:
+        row["mask_path"] = row["path"] + "[MASK]"
+    for k in (
+        "camera",
+        "xbin",
+        "ybin",
+        "gain",
+        "offset",
+        "readout_mode",
+        "naxis1",
+        "naxis2",
+        "telescope",
+        "bayerpat",
+    ):
+        row[k] = first.get(k)
+    ids = [f["id"] for f in s.new_frames]
+    with p.archive.transaction():
+        existing = p.archive.one("SELECT id FROM masters WHERE path = ?", [row["path"]])
+        if existing:  # a crash after the file was written and before the row: same version, same file
+            row["id"] = existing["id"]
+        master_id = p.archive.put("masters", row, conflict="OR REPLACE")
+        p.archive.execute(
+            "UPDATE masters SET superseded_by = ? WHERE set_key = ? AND id != ? AND superseded_by IS NULL",
+            [master_id, s.key, master_id],
+        )
+        for f in s.frames:
+            p.archive.put("master_frames", {"master_id": master_id, "frame_id": f["id"]}, conflict="OR IGNORE")
+        marks = ",".join("?" * len(ids))
+        p.archive.execute(
+            f"UPDATE frames SET status = 'used', reason = NULL, updated_at = ? WHERE id IN ({marks})", [now_iso(), *ids]
+        )
+    p.archive.event("master", f"built v{version}", row["note"], master_id=master_id)
+    p.metrics.masters_built.labels(kind=s.kind).inc()
+    p.masters_changed = True
+    log.info(
+        "built master %s v%d from %d frames (%s): %s",
+        s.kind,
+        version,
+        len(s.frames),
+        why,
+        p.layout.relative(path),
+    )
+    return master_id

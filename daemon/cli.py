@@ -1,0 +1,407 @@
+"""The ``nightshift`` command line: a public contract (README, "Command line").
+
+Exit codes: 0 ok, 2 usage or configuration error, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("nightshift")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _common(parser: argparse.ArgumentParser, *, archive: bool = True) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file (default: built-in defaults)")
+    if archive:
+        parser.add_argument("--archive", type=Path, help="archive folder (overrides [archive] path)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
+    parser.add_argument("--log-format", choices=["text", "json"], help="log line format on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nightshift",
+        description="Observatory daemon: watches the camera folder, builds masters, calibrates, grades, "
+        "aligns and stacks, and records every decision in a SQLite archive.",
+    )
+    from service import __version__
+
+    parser.add_argument("--version", action="version", version=f"nightshift {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the daemon: watch folders and process frames as they arrive")
+    _common(p)
+    p.add_argument("--watch", type=Path, action="append", help="camera folder to watch (repeatable)")
+    p.add_argument(
+        "--metrics", metavar="HOST:PORT", help='metrics endpoint, or "off" (overrides [metrics] listen)'
+    )
+
+    p = sub.add_parser("reduce", help="run the whole pipeline over folders already on disk, then exit")
+    _common(p)
+    p.add_argument("folders", type=Path, nargs="+", metavar="FOLDER")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("status", help="what the archive holds: counts, queue, last frame")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("frames", help="list frames")
+    _common(p)
+    _listing(p)
+    p.add_argument("--kind", choices=["bias", "dark", "flat", "light", "darkflat"])
+    p.add_argument("--status")
+
+    p = sub.add_parser("quarantine", help="list quarantined files with their reasons")
+    _common(p)
+    _listing(p)
+
+    p = sub.add_parser("masters", help="list master calibration frames")
+    _common(p)
+    _listing(p)
+
+    p = sub.add_parser("stacks", help="list stacks")
+    _common(p)
+    _listing(p)
+
+    p = sub.add_parser("reprocess", help="recalibrate lights with the current best masters")
+    _common(p)
+    p.add_argument("--night")
+    p.add_argument("--object")
+    p.add_argument("--frame", type=int, help="frame id")
+
+    p = sub.add_parser("report", help="write a self-contained HTML page for a night")
+    _common(p)
+    p.add_argument("--night", help="observing night YYYY-MM-DD (default: the latest)")
+    p.add_argument("--out", type=Path, help="output file (default: <archive>/reports/night-<night>.html)")
+
+    p = sub.add_parser("check-config", help="validate a configuration file and print the result")
+    _common(p, archive=False)
+
+    p = sub.add_parser(
+        "simulate", help="write a simulated night of FITS files (for tests, demos, benchmarks)"
+    )
+    p.add_argument("out", type=Path, metavar="OUT")
+    _simulate_options(p)
+    p.add_argument("--slow", action="store_true", help="write each file in chunks, like a slow camera")
+    p.add_argument("--rename", action="store_true", help="write name.tmp, then rename")
+
+    p = sub.add_parser("demo", help="run the daemon on a simulated night written live, then summarise")
+    p.add_argument("--out", type=Path, default=Path("demo-night"), help="folder for camera/ and archive/")
+    _simulate_options(p)
+    p.add_argument("--metrics", metavar="HOST:PORT", default="off", help='metrics endpoint (default "off")')
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--log-format", choices=["text", "json"])
+    return parser
+
+
+def _listing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--night")
+    p.add_argument("--object")
+    p.add_argument("--filter")
+    p.add_argument("--limit", type=int, default=0, help="at most this many rows (0 = all)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+
+def _simulate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, default=512, help="frame size in pixels (square)")
+    p.add_argument("--lights", type=int, default=4, help="lights per object, filter and exposure")
+    p.add_argument("--calibrations", type=int, default=5, help="bias frames, and darks/flats per set")
+    p.add_argument("--order", choices=["natural", "lights-first", "shuffled"], default="natural")
+    p.add_argument(
+        "--dialect",
+        choices=["mixed", "maxim", "nina", "ekos", "sharpcap", "sgp", "apt", "asiair"],
+        default="mixed",
+    )
+    p.add_argument("--broken", action="store_true", help="also write one file of each broken kind")
+    p.add_argument("--no-flip", action="store_true", help="no meridian flip")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _config(args: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = None) -> Config:
+    overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (extra or {}).items()}
+    if getattr(args, "archive", None):
+        overrides.setdefault("archive", {})["path"] = str(args.archive)
+    if getattr(args, "watch", None):
+        overrides.setdefault("watch", {})["paths"] = [str(p) for p in args.watch]
+    if getattr(args, "log_level", None):
+        overrides.setdefault("logging", {})["level"] = args.log_level
+    if getattr(args, "log_format", None):
+        overrides.setdefault("logging", {})["format"] = args.log_format
+    return load_config(args.config, overrides=overrides)
+
+
+def _sim_config(args: argparse.Namespace) -> Any:
+    from service.simulate import SimConfig
+
+    n = args.calibrations
+    return SimConfig(
+        size=args.size,
+        n_bias=n,
+        n_dark=n,
+        n_flat=n,
+        n_light=args.lights,
+        order=args.order,
+        dialect=args.dialect,
+        broken=args.broken,
+        meridian_flip=not args.no_flip,
+        seed=args.seed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from daemon.logs import setup_logging
+
+    try:
+        if args.command == "simulate":
+            setup_logging("info")
+            return _cmd_simulate(args)
+        if args.command == "demo":
+            setup_logging(args.log_level, args.log_format or "text")
+            from daemon.demo import run_demo
+
+            return run_demo(args)
+        config = _config(args)
+        setup_logging(config.logging.level, config.logging.format)
+        handler = {
+            "run": _cmd_run,
+            "reduce": _cmd_reduce,
+            "status": _cmd_status,
+            "frames": _cmd_frames,
+            "quarantine": _cmd_frames,
+            "masters": _cmd_frames,
+            "stacks": _cmd_frames,
+            "reprocess": _cmd_reprocess,
+            "report": _cmd_report,
+            "check-config": _cmd_check_config,
+        }[args.command]
+        return handler(args, config)
+    except ConfigError as exc:
+        print(f"nightshift: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        print(f"nightshift: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:
+        log.exception("nightshift %s failed", args.command)
+        print(f"nightshift: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+def _cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    print(f"configuration OK ({config.source})")
+    print(f"  watch:   {', '.join(config.watch.paths)} ({config.watch.observer} observer)")
+    print(f"  archive: {config.archive.path}")
+    print(f"  metrics: {config.metrics.listen}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from daemon.runner import Daemon
+
+    for folder in config.watch.paths:
+        if not Path(folder).is_dir():
+            print(f"nightshift: watch folder {folder} does not exist or is not a folder", file=sys.stderr)
+            return EXIT_USAGE
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.archive:
+        overrides["archive"] = {"path": str(args.archive)}
+    if args.watch:
+        overrides["watch"] = {"paths": [str(p) for p in args.watch]}
+    daemon = Daemon(config, config_path=args.config, overrides=overrides, metrics_listen=args.metrics)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def _open(config: Config, *, create: bool = True):
+    from daemon.archive import Archive
+    from daemon.pipeline import Pipeline
+
+    archive = Archive(config.archive_path, create=create)
+    return archive, Pipeline(config, archive)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print("frames by kind and status:")
+    for kind, statuses in sorted(summary["frames"].items()):
+        parts = ", ".join(f"{s} {n}" for s, n in sorted(statuses.items()))
+        print(f"  {kind:9s} {sum(statuses.values()):4d}  ({parts})")
+    masters = ", ".join(f"{k} {n}" for k, n in sorted(summary["masters"].items())) or "none"
+    print(f"masters: {masters}")
+    print(f"stacks: {len(summary['stacks'])}")
+    for s in summary["stacks"]:
+        print(
+            f"  {s['object']} {s['filter']} {s['exptime']:g}s night {s['night']}: {s['n_frames']} frames, "
+            f"{s['state']}  -> {s['path']}"
+        )
+
+
+def _cmd_reduce(args: argparse.Namespace, config: Config) -> int:
+    from daemon.batch import reduce_folders
+
+    archive, pipeline = _open(config)
+    try:
+        summary = reduce_folders(pipeline, [f.absolute() for f in args.folders], show_progress=not args.json)
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(
+            f"reduced {summary['files']} file(s) in {summary['seconds']['total']:.1f} s into {config.archive.path}"
+        )
+        _print_summary(summary)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace, config: Config) -> int:
+    archive, pipeline = _open(config, create=False)
+    try:
+        summary = pipeline.summary()
+        last = archive.one(
+            "SELECT path, kind, status, night, updated_at FROM frames ORDER BY id DESC LIMIT 1"
+        )
+        summary.update(
+            archive=str(config.archive_path),
+            schema_version=archive.schema_version,
+            queue_depth=pipeline.queue_depth(),
+            lights_pending=archive.scalar("SELECT COUNT(*) FROM frames WHERE status = 'pending'"),
+            quarantined=archive.scalar("SELECT COUNT(*) FROM frames WHERE status = 'quarantined'"),
+            last_frame=last,
+        )
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return EXIT_OK
+    print(f"archive {summary['archive']} (schema v{summary['schema_version']})")
+    print(
+        f"queue depth {summary['queue_depth']}, lights pending {summary['lights_pending']}, "
+        f"quarantined {summary['quarantined']}"
+    )
+    if last:
+        print(
+            f"last frame: {last['path']} ({last['kind']}, {last['status']}, night {last['night']}, "
+            f"{last['updated_at']})"
+        )
+    _print_summary(summary)
+    return EXIT_OK
+
+
+_LISTINGS = {
+    "frames": ("frames", ["id", "night", "kind", "object", "filter", "exptime", "status", "reason", "path"]),
+    "quarantine": ("frames", ["id", "night", "reason", "path"]),
+    "masters": (
+        "masters",
+        ["id", "night", "kind", "filter", "exptime", "n_frames", "version", "superseded_by", "path"],
+    ),
+    "stacks": ("stacks", ["id", "night", "object", "filter", "exptime", "n_frames", "state", "path"]),
+}
+
+
+def _cmd_frames(args: argparse.Namespace, config: Config) -> int:
+    from daemon.archive import Archive
+
+    table, columns = _LISTINGS[args.command]
+    where, params = [], []
+    if args.command == "quarantine":
+        where.append("status = 'quarantined'")
+    for col in ("night", "object", "filter", "kind", "status"):
+        value = getattr(args, col, None)
+        if value is not None and (table != "masters" or col not in ("object",)):
+            where.append(f"{col} = ?")
+            params.append(value)
+    sql = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
+    if args.limit:
+        sql += f" LIMIT {int(args.limit)}"
+    archive = Archive(config.archive_path, create=False)
+    try:
+        rows = archive.query(sql, params)
+    finally:
+        archive.close()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, default=str))
+        return EXIT_OK
+    _table(rows, columns)
+    return EXIT_OK
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:g}"
+        return str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [min(60, max([len(c)] + [len(row[i]) for row in cells])) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def _cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
+    from daemon.batch import reprocess
+
+    if not (args.night or args.object or args.frame is not None):
+        print("nightshift: reprocess needs --night, --object or --frame", file=sys.stderr)
+        return EXIT_USAGE
+    archive, pipeline = _open(config, create=False)
+    try:
+        n = reprocess(pipeline, night=args.night, obj=args.object, frame_id=args.frame)
+        summary = pipeline.summary()
+    finally:
+        archive.close()
+    print(f"reprocessed {n} light(s)")
+    _print_summary(summary)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace, config: Config) -> int:
+    from daemon.report import write_report
+
+    archive, _pipeline = _open(config, create=False)
+    try:
+        night = args.night or archive.scalar("SELECT MAX(night) FROM frames")
+        if not night:
+            print("nightshift: the archive has no frames yet", file=sys.stderr)
+            return EXIT_FAILURE
+        path = write_report(archive, night, out=args.out)
+    finally:
+        archive.close()
+    print(path)
+    return EXIT_OK
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from service.simulate import simulate_night
+
+    plan = simulate_night(args.out, _sim_config(args), slow=args.slow, rename=args.rename)
+    counts = plan.counts()
+    print(
+        f"wrote {len(plan.frames)} files to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Taking one file into the archive: hash, inspect, and record it as a frame, a duplicate, or quarantined.
+
+A raw file is only read, never changed. Everything that goes wrong becomes a row with a reason and a note in
+``quarantine/``; nothing here raises for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.fitsio import sha256_file, write_bytes_atomic
+from service.frame import FrameError
+from service.inspect import inspect_frame
+
+if TYPE_CHECKING:
+    from daemon.pipeline import Pipeline
+
+__all__ = ["ingest_file", "quarantine"]
+
+log = logging.getLogger("nightshift.ingest")
+
+
+def quarantine(p: Pipeline, row: dict[str, Any], error: FrameError) -> int:
+    """Record ``row`` as quarantined with the error's reason, and write the note beside the archive."""
+    row = {**row, "status": "quarantined", "reason": f"{error.reason}: {error.message}"}
+    frame_id = p.archive.record_frame(row)
+    frame = p.archive.frame(frame_id)
+    note_path = p.layout.quarantine_note(frame)
+    note = {
+        "path": frame["path"],
+        "sha256": frame.get("sha256"),
+        "reason": error.reason,
+        "message": error.message,
+        "frame_id": frame_id,
+        "note": "The raw file was left where it is, untouched. Fix or remove it; nightshift took nothing from it.",
+    }
+    write_bytes_atomic(note_path, json.dumps(note, indent=2).encode())
+    p.archive.event("ingest", "quarantined", str(error), frame_id=frame_id)
+    p.metrics.frames_quarantined.labels(reason=error.reason).inc()
+    log.warning("quarantined %s: %s", frame["path"], error)
+    return frame_id
+
+
+def ingest_file(
+    p: Pipeline, path: Path, *, size: int | None = None, mtime: float | None = None
+) -> int | None:
+    """Ingest ``path`` once. Returns the frame id, or None when the file was already recorded unchanged."""
+    path = Path(path).absolute()
+    spath = str(path)
+    try:
+        st = path.stat()
+        size = st.st_size if size is None else size
+        mtime = st.st_mtime if mtime is None else mtime
+    except OSError as exc:
+        existing = p.archive.frame_by_path(spath)
+        if existing is None:
+            return quarantine(
+                p, {"path": spath}, FrameError("unreadable", f"cannot stat the file: {exc.strerror or exc}")
+            )
+        return None
+    if p.archive.known(spath, size, mtime):
+        return None
+    p.metrics.files_seen.inc()
+    base = {"path": spath, "size_bytes": size, "mtime": mtime}
+    try:
+        sha = sha256_file(path)
+    except OSError as exc:
+        return quarantine(p, base, FrameError("unreadable", f"cannot read the file: {exc.strerror or exc}"))
+    base["sha256"] = sha
+    existing = p.archive.frame_by_path(spath)
+    if existing is not None and existing.get("sha256") == sha:
+        p.archive.update_frame(existing["id"], size_bytes=size, mtime=mtime)
+        return None
+    if existing is not None:
+        log.warning("%s changed on disk after it was recorded; recording its new content", spath)
+        p.archive.event("ingest", "changed", "content changed on disk; re-ingested", frame_id=existing["id"])
+    with p.metrics.stage("ingest"):
+        try:
+            meta = inspect_frame(path, options=p.classify_options, sha256=sha)
+        except FrameError as exc:
+            return quarantine(p, base, exc)
+    row = {**meta.row(), "mtime": mtime, "reason": None, "duplicate_of": None}
+    original = p.archive.frame_by_sha(sha, exclude_path=spath)
+    if original is not None:
+        row.update(
+            status="duplicate",
+            reason=f"same content as {original['path']} (frame {original['id']})",
+            duplicate_of=original["id"],
+        )
+        frame_id = p.archive.record_frame(row)
+        p.archive.event("ingest", "duplicate", row["reason"], frame_id=frame_id)
+        p.metrics.frames_duplicate.inc()
+        log.info("duplicate %s: %s", spath, row["reason"])
+        return frame_id
+    row["status"] = "ingested"
+    frame_id = p.archive.record_frame(row)
+    note = f"{meta.kind} {meta.exptime:g}s" if meta.exptime is not None else meta.kind
+    if meta.filter:
+        note += f" filter {meta.filter}"
+    p.archive.event(
+        "ingest", "ingested", f"{note} (night {meta.night}, header words: {meta.dialect})", frame_id=frame_id
+    )
+    p.metrics.frames_ingested.labels(kind=meta.kind).inc()
+    p.note_newest_frame(meta.date_obs)
+    log.info("ingested %s: %s, night %s", spath, note, meta.night)
+    return frame_id

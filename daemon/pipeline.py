@@ -1,0 +1,256 @@
+"""The work queue: what to do next, decided from the archive alone, one small step at a time.
+
+Every frame's state lives in the ``frames`` table, so after a crash or restart the same questions give the same
+answers and processing resumes where it stopped; each step writes its product atomically before it records it,
+so doing a step twice gives the same result as once. Each step runs inside its own guard: one bad frame or set
+is recorded and set aside, never stopping the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from daemon.archive import Archive
+from daemon.calibrating import MasterCache, calibrate_light
+from daemon.calsets import CalSet, build_master, ready_sets
+from daemon.config import Config
+from daemon.intake import ingest_file, quarantine
+from daemon.metrics import Metrics
+from daemon.products import Layout
+from daemon.stacking import finalize_stack, grade_and_stack, quiet_stacks
+from service.classify import ClassifyOptions
+from service.frame import FrameError
+from service.stack import LiveStack
+
+__all__ = ["MAX_TRIES", "Pipeline"]
+
+log = logging.getLogger("nightshift.pipeline")
+
+#: A frame whose step fails unexpectedly this many times is quarantined as a processing error.
+MAX_TRIES = 3
+
+
+class Pipeline:
+    """The science applied to the archive: ingest files, build masters, calibrate, grade, align and stack."""
+
+    def __init__(self, config: Config, archive: Archive, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.archive = archive
+        self.metrics = metrics or Metrics()
+        self.layout = Layout(archive.root)
+        self.layout.make_folders()
+        self.layout.sweep_temp_files()
+        self.masters = MasterCache(archive.root)
+        self.live_stacks: dict[int, LiveStack] = {}
+        self.masters_changed = True  # retry pending lights once at start
+        self._said: set[str] = set()
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        """Take a new configuration (SIGHUP): classification words, rules and thresholds."""
+        self.config = config
+        c = config.classify
+        self.classify_options = ClassifyOptions(
+            synonyms=dict(c.synonyms),
+            overrides=[(r["glob"], r["kind"]) for r in c.overrides],
+            filter_aliases=dict(c.filter_aliases),
+            longitude=config.site.longitude,
+            timezone=config.site.timezone or None,
+        )
+        self.masters_changed = True
+
+    # -- intake ---------------------------------------------------------------------------------------------------
+    def ingest(self, path: Path, *, size: int | None = None, mtime: float | None = None) -> int | None:
+        """Take one settled file into the archive (never raises for bad input)."""
+        try:
+            return ingest_file(self, path, size=size, mtime=mtime)
+        except Exception as exc:  # a bug or an I/O failure: record it against the file, keep going
+            log.exception("ingest of %s failed", path)
+            self.metrics.stage_errors.labels(stage="ingest").inc()
+            return quarantine(
+                self,
+                {"path": str(Path(path).absolute())},
+                FrameError("processing_error", f"ingest failed: {type(exc).__name__}: {exc}"),
+            )
+
+    def quarantine_incomplete(self, path: Path, reason: str) -> None:
+        spath = str(Path(path).absolute())
+        row = self.archive.frame_by_path(spath)
+        if row is not None and row["status"] != "quarantined":
+            return
+        quarantine(self, {"path": spath}, FrameError("incomplete", reason))
+
+    def note_newest_frame(self, date_obs: str) -> None:
+        try:
+            when = datetime.fromisoformat(date_obs).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            return
+        self.metrics.set_newest_frame(when)
+
+    # -- notes on sets that wait (said once each) -----------------------------------------------------------------
+    def _say_once(self, key: str, message: str, frames: list[dict[str, Any]]) -> None:
+        if key in self._said:
+            return
+        self._said.add(key)
+        log.info("%s", message)
+        for f in frames:
+            self.archive.update_frame(f["id"], reason=message)
+
+    def note_waiting_set(self, s: CalSet, message: str) -> None:
+        self._say_once(f"wait|{s.key}|{len(s.frames)}", f"{s.kind} set {s.slug}: {message}", s.new_frames)
+
+    def note_incomplete_set(self, s: CalSet, message: str) -> None:
+        self._say_once(f"few|{s.key}|{len(s.frames)}", f"{s.kind} set {s.slug}: {message}", s.new_frames)
+
+    # -- guarded steps --------------------------------------------------------------------------------------------
+    @contextmanager
+    def _guard(self, stage: str, frames: list[dict[str, Any]]) -> Iterator[None]:
+        """Isolate one step: an unexpected failure is counted, logged and, after MAX_TRIES, quarantined."""
+        try:
+            yield
+        except Exception as exc:
+            self.metrics.stage_errors.labels(stage=stage).inc()
+            log.exception("%s failed for %s", stage, ", ".join(Path(f["path"]).name for f in frames))
+            for f in frames:
+                tries = (self.archive.scalar("SELECT tries FROM frames WHERE id = ?", [f["id"]]) or 0) + 1
+                if tries >= MAX_TRIES:
+                    err = FrameError(
+                        "processing_error", f"{stage} failed {tries} times: {type(exc).__name__}: {exc}"
+                    )
+                    self.archive.update_frame(f["id"], tries=tries)
+                    quarantine(self, {"path": f["path"]}, err)
+                else:
+                    self.archive.update_frame(f["id"], tries=tries)
+                    self.archive.event(
+                        stage, "error", f"{type(exc).__name__}: {exc} (try {tries})", frame_id=f["id"]
+                    )
+
+    def work(self, *, end_of_night: bool = False) -> bool:
+        """Do the next unit of work; False when there was nothing to do."""
+        for s, why in ready_sets(self, end_of_night=end_of_night):
+            with self._guard("master", s.new_frames):
+                if build_master(self, s, why, end_of_night=end_of_night) is not None:
+                    return True
+        light = self.archive.one(
+            "SELECT * FROM frames WHERE kind = 'light' AND status = 'ingested' ORDER BY date_obs, id LIMIT 1"
+        )
+        if light is not None:
+            with self._guard("calibrate", [light]):
+                calibrate_light(self, light, end_of_night=end_of_night)
+                return True
+            return True
+        if self.masters_changed or end_of_night:
+            self.masters_changed = False
+            did = False
+            for light in self.archive.query(
+                "SELECT * FROM frames WHERE kind = 'light' AND status = 'pending' ORDER BY date_obs, id"
+            ):
+                with self._guard("calibrate", [light]):
+                    did |= calibrate_light(self, light, end_of_night=end_of_night)
+            if did:
+                return True
+        light = self.archive.one(
+            "SELECT * FROM frames WHERE kind = 'light' AND status = 'calibrated' ORDER BY date_obs, id LIMIT 1"
+        )
+        if light is not None:
+            with self._guard("stack", [light]):
+                grade_and_stack(self, light)
+            return True
+        for stack in quiet_stacks(self):
+            with self._guard("stack", []):
+                finalize_stack(self, stack)
+            return True
+        return False
+
+    def run_until_idle(
+        self, *, end_of_night: bool = False, progress: Callable[[], None] | None = None
+    ) -> int:
+        steps = 0
+        while self.work(end_of_night=end_of_night):
+            steps += 1
+            if progress is not None:
+                progress()
+        return steps
+
+    def end_night(self, night: str | None = None, *, progress: Callable[[], None] | None = None) -> None:
+        """The night is over: build what can be built, calibrate what can be, finalise the stacks."""
+        self.run_until_idle(progress=progress)
+        self.run_until_idle(end_of_night=True, progress=progress)
+        nights = (
+            [night]
+            if night
+            else [
+                r["night"]
+                for r in self.archive.query("SELECT DISTINCT night FROM stacks WHERE state = 'live'")
+            ]
+        )
+        for n in nights:
+            for stack in quiet_stacks(self, night=n):
+                with self._guard("stack", []):
+                    finalize_stack(self, stack)
+                if progress is not None:
+                    progress()
+
+    # -- the clock of the night -----------------------------------------------------------------------------------
+    def night_end_utc(self, night: str) -> datetime:
+        """Local noon after the night began, in UTC (naive)."""
+        noon = datetime.combine(date.fromisoformat(night) + timedelta(days=1), datetime.min.time()).replace(
+            hour=12
+        )
+        site = self.config.site
+        if site.timezone:
+            return noon.replace(tzinfo=ZoneInfo(site.timezone)).astimezone(UTC).replace(tzinfo=None)
+        if site.longitude is not None:
+            lon = site.longitude - 360 if site.longitude > 180 else site.longitude
+            return noon - timedelta(hours=lon / 15.0)
+        return noon
+
+    def finished_nights(self) -> list[str]:
+        """Nights with unfinished work whose local noon has passed."""
+        now = datetime.now(UTC).replace(tzinfo=None)
+        rows = self.archive.query(
+            "SELECT DISTINCT night FROM stacks WHERE state = 'live' UNION "
+            "SELECT DISTINCT night FROM frames WHERE status = 'pending' AND (reason NOT LIKE '%(night ended)')"
+        )
+        return [r["night"] for r in rows if r["night"] and self.night_end_utc(r["night"]) <= now]
+
+    # -- gauges ---------------------------------------------------------------------------------------------------
+    def queue_depth(self) -> int:
+        return int(
+            self.archive.scalar(
+                "SELECT COUNT(*) FROM frames WHERE (kind = 'light' AND status IN ('ingested', 'calibrated'))"
+            )
+            or 0
+        )
+
+    def refresh_gauges(self, *, watcher_pending: int = 0) -> tuple[int, int]:
+        """Set the queue and pending gauges; returns (queue depth, pending lights)."""
+        queue = self.queue_depth() + watcher_pending
+        pending = int(self.archive.scalar("SELECT COUNT(*) FROM frames WHERE status = 'pending'") or 0)
+        self.metrics.queue_depth.set(queue)
+        self.metrics.lights_pending.set(pending)
+        newest = self.archive.scalar("SELECT MAX(night) FROM stacks")
+        self.metrics.stacks_active.set(
+            self.archive.scalar("SELECT COUNT(*) FROM stacks WHERE night = ?", [newest]) or 0 if newest else 0
+        )
+        return queue, pending
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "frames": self.archive.counts(),
+            "masters": {
+                r["kind"]: r["n"]
+                for r in self.archive.query("SELECT kind, COUNT(*) AS n FROM masters GROUP BY kind")
+            },
+            "stacks": self.archive.query(
+                "SELECT object, filter, exptime, night, n_frames, state, path FROM stacks ORDER BY id"
+            ),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }

@@ -1,0 +1,115 @@
+"""Where every product lives in the archive folder, and the clean-up of temp files a crash left behind.
+
+All names are built from header values made safe (``service.safepath``), so no OBJECT or FILTER can point a
+write outside the archive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from service.safepath import safe_component, safe_join
+
+__all__ = ["Layout"]
+
+log = logging.getLogger("nightshift.products")
+
+FOLDERS = ("masters", "calibrated", "aligned", "stacks", "previews", "quarantine", "reports")
+
+
+def _exp(exptime: float | None) -> str:
+    if exptime is None:
+        return "unknown"
+    return f"{exptime:g}s"
+
+
+class Layout:
+    """Paths of the archive's products, organised by night."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def make_folders(self) -> None:
+        for name in FOLDERS:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def relative(self, path: Path) -> str:
+        """What the archive stores: the product's path relative to the archive folder."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    def absolute(self, stored: str) -> Path:
+        return safe_join(self.root, *Path(stored).parts)
+
+    @staticmethod
+    def _stem(frame: dict[str, Any]) -> str:
+        name = Path(frame["path"]).name
+        for suffix in (".fits", ".fit", ".fts", ".FITS", ".FIT", ".FTS"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        return f"{frame['id']:06d}_{safe_component(name, max_len=80)}"
+
+    def master(self, kind: str, set_key_slug: str, night: str, version: int) -> Path:
+        return safe_join(self.root, "masters", night, kind, f"{kind}_{set_key_slug}_v{version}.fits")
+
+    def calibrated(self, frame: dict[str, Any]) -> Path:
+        return safe_join(
+            self.root,
+            "calibrated",
+            frame["night"],
+            safe_component(frame.get("object")),
+            safe_component(frame.get("filter"), default="nofilter"),
+            self._stem(frame) + ".fits",
+        )
+
+    def aligned(self, frame: dict[str, Any]) -> Path:
+        return safe_join(
+            self.root,
+            "aligned",
+            frame["night"],
+            safe_component(frame.get("object")),
+            safe_component(frame.get("filter"), default="nofilter"),
+            self._stem(frame) + ".fits",
+        )
+
+    def frame_preview(self, frame: dict[str, Any]) -> Path:
+        return safe_join(self.root, "previews", frame["night"], "frames", self._stem(frame) + ".png")
+
+    def stack(self, night: str, obj: str | None, filt: str | None, exptime: float | None) -> Path:
+        o = safe_component(obj)
+        f = safe_component(filt, default="nofilter")
+        return safe_join(self.root, "stacks", night, o, f"{o}_{f}_{_exp(exptime)}.fits")
+
+    def stack_preview(self, night: str, obj: str | None, filt: str | None, exptime: float | None) -> Path:
+        o = safe_component(obj)
+        f = safe_component(filt, default="nofilter")
+        return safe_join(self.root, "previews", night, "stacks", f"{o}_{f}_{_exp(exptime)}.png")
+
+    def quarantine_note(self, frame: dict[str, Any]) -> Path:
+        night = frame.get("night") or "undated"
+        return safe_join(self.root, "quarantine", night, self._stem(frame) + ".json")
+
+    def report(self, night: str) -> Path:
+        return safe_join(self.root, "reports", f"night-{safe_component(night)}.html")
+
+    def sweep_temp_files(self) -> int:
+        """Remove temp files an interrupted atomic write left in the product folders; returns how many."""
+        removed = 0
+        for name in FOLDERS:
+            top = self.root / name
+            if not top.exists():
+                continue
+            for dirpath, _dirs, files in os.walk(top):
+                for f in files:
+                    if f.startswith(".") and f.endswith(".tmp"):
+                        try:
+                            os.unlink(os.path.join(dirpath, f))
+                            removed += 1
+                        except OSError as exc:  # pragma: no cover - a permissions problem worth a line
+                            log.warning("could not remove temp file %s: %s", f, exc)
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted write", removed)
+        return removed

@@ -1,0 +1,102 @@
+"""The shared vocabulary of the science: what a frame is, what its normalised header says, and how a frame fails.
+
+Every module of ``service/`` speaks in these types; ``daemon/`` stores them. Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+__all__ = ["KINDS", "QUARANTINE_REASONS", "FrameError", "FrameMeta", "Image"]
+
+#: Frame kinds nightshift knows. ``darkflat`` is a dark taken at a flat's exposure (N.I.N.A. writes DARKFLAT).
+KINDS = ("bias", "dark", "flat", "light", "darkflat")
+
+#: Bounded vocabulary of reasons a file is kept aside; used as a metrics label, so never free text.
+QUARANTINE_REASONS = (
+    "empty",  # zero bytes
+    "not_fits",  # does not start with a FITS primary header
+    "truncated",  # header or data shorter than the header promises
+    "unreadable",  # the operating system refused to read it (permissions, a directory, vanished)
+    "incomplete",  # never stopped growing / never became whole within the timeout
+    "no_image_data",  # a header with no image
+    "unsupported_dimensions",  # not a 2-D image (cube, 1-D), or absurdly small
+    "unknown_type",  # no header word or override says bias/dark/flat/light
+    "missing_exposure",  # a dark, flat or light with no EXPTIME/EXPOSURE
+    "bad_header_value",  # a header value that cannot be parsed (EXPTIME='abc', DATE-OBS='yesterday')
+    "constant_data",  # every pixel has the same value
+    "nan_data",  # NaN or infinite pixels (all or most of them)
+    "processing_error",  # a step failed on it unexpectedly; the message says which and why
+)
+
+
+class FrameError(Exception):
+    """A frame cannot be used. ``reason`` is one of QUARANTINE_REASONS; ``message`` is for a person."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in QUARANTINE_REASONS:
+            raise ValueError(f"unknown quarantine reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+@dataclass
+class FrameMeta:
+    """The normalised header of one raw frame: what nightshift knows about it before touching its pixels.
+
+    Column names of the archive's ``frames`` table are these field names.
+    """
+
+    path: str
+    sha256: str
+    size_bytes: int
+    kind: str  # one of KINDS
+    exptime: float | None  # seconds; 0.0 for bias
+    date_obs: str  # ISO 8601 UTC, "YYYY-MM-DDTHH:MM:SS.ffffff" (no timezone suffix)
+    night: str  # observing night "YYYY-MM-DD": the local date of the evening the night began
+    naxis1: int  # width (x, columns)
+    naxis2: int  # height (y, rows)
+    dtype: str  # numpy dtype of the stored pixels after BZERO/BSCALE ("uint16", "float32", ...)
+    object: str | None = None
+    filter: str | None = None
+    xbin: int = 1
+    ybin: int = 1
+    ccd_temp: float | None = None
+    set_temp: float | None = None
+    gain: float | None = None
+    offset: float | None = None
+    readout_mode: str | None = None
+    camera: str | None = None
+    telescope: str | None = None
+    bayerpat: str | None = None
+    dialect: str | None = None  # which capture program's words were recognised (e.g. "maxim", "nina", "ekos")
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping (not stored as columns)
+
+    def row(self) -> dict[str, Any]:
+        """The archive row for this frame (without ``extra``)."""
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+@dataclass
+class Image:
+    """A frame in memory: float32 pixels, its header, and a bad-pixel mask (True = bad) or None."""
+
+    data: np.ndarray
+    header: fits.Header
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 2:
+            raise ValueError(f"an Image is 2-D, got shape {self.data.shape}")
+        if self.mask is not None and self.mask.shape != self.data.shape:
+            raise ValueError(f"mask shape {self.mask.shape} differs from data shape {self.data.shape}")

@@ -1,0 +1,234 @@
+"""Grade a calibrated light and decide whether it is worth stacking.
+
+A grade is what a person reads off a frame before keeping it: the sky level and its noise, how many stars show,
+how sharp and how round they are, and how bright they are compared with the best frame of the same target and
+filter (transparency). :func:`judge` applies the rejection rules to a grade against its group and says why a frame
+is rejected, in a short human sentence, or ``None`` when it is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from service.frame import Image
+from service.stars import StarList, detect_stars
+
+__all__ = ["Grade", "RejectRules", "grade_frame", "judge", "quality_score", "transparency"]
+
+#: Grade.flux sums the fluxes of this many of the brightest stars.
+N_FLUX_STARS = 20
+#: Stars used for the median FWHM and elongation (the brightest; faint ones measure noise).
+_N_SHAPE_STARS = 200
+#: Matching radius (pixels) between a frame's stars, mapped into the reference, and the reference's stars.
+_MATCH_RADIUS = 3.0
+
+
+@dataclass
+class Grade:
+    """What a frame looks like: sky, star count, sharpness, roundness, and brightness of its stars.
+
+    ``fwhm`` (pixels) and ``elongation`` are medians over the brightest stars (NaN without stars); ``flux`` is the
+    summed flux of the brightest :data:`N_FLUX_STARS` stars; ``exptime`` (seconds, from EXPTIME/EXPOSURE, or None)
+    lets :func:`transparency` compare frames of different exposure.
+    """
+
+    background: float
+    background_rms: float
+    n_stars: int
+    fwhm: float
+    elongation: float
+    flux: float
+    stars: StarList
+    exptime: float | None = None
+
+    def row(self) -> dict[str, Any]:
+        """Scalar columns for the archive (NaN becomes None)."""
+        return {
+            "background": _finite_or_none(self.background),
+            "background_rms": _finite_or_none(self.background_rms),
+            "n_stars": int(self.n_stars),
+            "fwhm": _finite_or_none(self.fwhm),
+            "elongation": _finite_or_none(self.elongation),
+        }
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def _exptime(header: Any) -> float | None:
+    for key in ("EXPTIME", "EXPOSURE"):
+        try:
+            value = float(header[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def grade_frame(image: Image, *, threshold: float = 5.0, max_stars: int = 500) -> Grade:
+    """Grade one calibrated light.
+
+    Parameters
+    ----------
+    image : Image
+        Calibrated frame; its mask (and any NaN) is ignored. Not modified.
+    threshold : float, default 5.0
+        Star detection threshold in background RMS.
+    max_stars : int, default 500
+        Stars kept in ``Grade.stars`` (the brightest); ``n_stars`` counts all detections.
+
+    Returns
+    -------
+    Grade
+        With the star list, which the caller keeps and reuses for alignment.
+    """
+    stars = detect_stars(image.data, mask=image.mask, threshold=threshold, max_stars=max_stars)
+    return grade_from_stars(stars, exptime=_exptime(image.header))
+
+
+def grade_from_stars(stars: StarList, *, exptime: float | None = None) -> Grade:
+    """Build a :class:`Grade` from an already measured star list (for instance one read back from the archive)."""
+    n_shape = min(len(stars), _N_SHAPE_STARS)
+    if n_shape:
+        fwhm = float(np.nanmedian(stars.fwhm[:n_shape]))
+        elongation = float(np.nanmedian(stars.elongation[:n_shape]))
+    else:
+        fwhm = elongation = math.nan
+    return Grade(
+        background=stars.background,
+        background_rms=stars.background_rms,
+        n_stars=stars.n_detected,
+        fwhm=fwhm,
+        elongation=elongation,
+        flux=float(np.sum(stars.flux[:N_FLUX_STARS])),
+        stars=stars,
+        exptime=exptime,
+    )
+
+
+def transparency(grade: Grade, reference: Grade, *, transform: Any = None) -> float:
+    """Brightness of a frame's stars relative to the same stars in the reference frame (1.0 = as clear).
+
+    With ``transform`` (a :class:`service.register.Transform`, or a 3x3 matrix, mapping this frame's pixels onto
+    the reference's) stars are matched by position and the result is the median of their flux ratios. Without it,
+    the k-th brightest star of each frame are paired (k up to 20) and the median ratio is taken: good enough for
+    frames of the same field. Fluxes are compared per second when both exposure times are known.
+
+    Returns NaN when nothing can be compared (no stars in one of the frames).
+    """
+    src, ref = grade.stars, reference.stars
+    if len(src) == 0 or len(ref) == 0:
+        return 0.0 if len(src) == 0 and len(ref) > 0 else math.nan
+    if transform is not None:
+        matrix = np.asarray(getattr(transform, "matrix", transform), dtype=np.float64)
+        ratios = _matched_ratios(src, ref, matrix)
+    else:
+        ratios = np.empty(0)
+    if len(ratios) < 3:
+        k = min(len(src), len(ref), N_FLUX_STARS)
+        ratios = src.flux[:k] / ref.flux[:k]
+    value = float(np.median(ratios))
+    if grade.exptime and reference.exptime:
+        value *= reference.exptime / grade.exptime
+    return value
+
+
+def _matched_ratios(src: StarList, ref: StarList, matrix: np.ndarray) -> np.ndarray:
+    xy = src.xy()
+    mapped = xy @ matrix[:2, :2].T + matrix[:2, 2]
+    dist, idx = cKDTree(ref.xy()).query(mapped, distance_upper_bound=_MATCH_RADIUS)
+    found = np.isfinite(dist)
+    if not found.any():
+        return np.empty(0)
+    # keep the brightest source for each reference star, so a blend is not counted twice
+    pairs: dict[int, int] = {}
+    for s in np.flatnonzero(found):
+        pairs.setdefault(int(idx[s]), int(s))
+    s_idx = np.fromiter(pairs.values(), dtype=np.intp)
+    r_idx = np.fromiter(pairs.keys(), dtype=np.intp)
+    return src.flux[s_idx] / ref.flux[r_idx]
+
+
+@dataclass
+class RejectRules:
+    """Thresholds of :func:`judge`; the daemon's config passes them in.
+
+    min_stars : reject with fewer stars than this (cloudy, or nothing to align on).
+    min_star_fraction : reject with fewer stars than this fraction of the group's best frame (cloudy).
+    min_transparency : reject when stars are fainter than this fraction of the reference's (cloudy).
+    max_fwhm_ratio : reject when the FWHM exceeds this multiple of the group median (out of focus, seeing).
+    max_elongation : reject when stars are more elongated than this a/b (trailed, wind).
+    max_background_ratio : reject when the sky exceeds this multiple of the group median (twilight, moon, lights).
+    """
+
+    min_stars: int = 10
+    min_star_fraction: float = 0.3
+    min_transparency: float = 0.5
+    max_fwhm_ratio: float = 1.5
+    max_elongation: float = 1.6
+    max_background_ratio: float = 3.0
+
+
+def judge(
+    grade: Grade,
+    *,
+    transparency: float | None,
+    group_fwhm_median: float | None,
+    group_background_median: float | None,
+    best_n_stars: int | None,
+    rules: RejectRules,
+) -> str | None:
+    """Decide whether a graded frame goes into the stack.
+
+    Group figures are for frames of the same object, filter and exposure; pass None for what is not known yet
+    (the first frame of a group), and that rule is skipped.
+
+    Returns
+    -------
+    str or None
+        None when the frame is accepted, else the first failing rule as a short sentence, such as
+        ``"cloudy: transparency 0.21 < 0.5"`` or ``"trailed: elongation 2.10 > 1.6"``.
+    """
+    if transparency is not None and math.isfinite(transparency) and transparency < rules.min_transparency:
+        return f"cloudy: transparency {transparency:.2f} < {rules.min_transparency:g}"
+    if (
+        group_background_median is not None
+        and group_background_median > 0
+        and grade.background > rules.max_background_ratio * group_background_median
+    ):
+        return (
+            f"bright sky: background {grade.background:.0f} > {rules.max_background_ratio:g} x "
+            f"group median {group_background_median:.0f}"
+        )
+    if grade.n_stars < rules.min_stars:
+        return f"too few stars: {grade.n_stars} < {rules.min_stars}"
+    if best_n_stars and grade.n_stars < rules.min_star_fraction * best_n_stars:
+        return f"cloudy: {grade.n_stars} stars < {rules.min_star_fraction:g} x best frame's {best_n_stars}"
+    if math.isfinite(grade.elongation) and grade.elongation > rules.max_elongation:
+        return f"trailed: elongation {grade.elongation:.2f} > {rules.max_elongation:g}"
+    if (
+        group_fwhm_median is not None
+        and group_fwhm_median > 0
+        and math.isfinite(grade.fwhm)
+        and grade.fwhm > rules.max_fwhm_ratio * group_fwhm_median
+    ):
+        return (
+            f"blurred: FWHM {grade.fwhm:.2f} px > {rules.max_fwhm_ratio:g} x group median "
+            f"{group_fwhm_median:.2f} px"
+        )
+    return None
+
+
+def quality_score(grade: Grade) -> float:
+    """How good a frame is for a reference, higher is better: stars per pixel of FWHM, penalised for elongation."""
+    if grade.n_stars <= 0 or not math.isfinite(grade.fwhm) or grade.fwhm <= 0:
+        return 0.0
+    elongation = grade.elongation if math.isfinite(grade.elongation) and grade.elongation > 1 else 1.0
+    return grade.n_stars / (grade.fwhm * elongation)

@@ -1,0 +1,120 @@
+"""The whole ingest check of one raw file: is it a usable frame, and what does its header say.
+
+:func:`inspect_frame` either returns the frame's :class:`~service.frame.FrameMeta` or raises a
+:class:`~service.frame.FrameError` whose reason is one of QUARANTINE_REASONS and whose message tells a person
+what is wrong with the file. Nothing else escapes it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from service.classify import ClassifyOptions, normalise
+from service.fitsio import find_image_hdu, read_header, read_pixels, scan_hdus, sha256_file
+from service.frame import FrameError, FrameMeta
+
+__all__ = ["MIN_SIZE", "check_pixels", "inspect_frame"]
+
+#: Frames smaller than this on either axis are not camera frames (thumbnails, test patterns, junk).
+MIN_SIZE = 16
+
+
+def check_pixels(data: np.ndarray) -> dict[str, float]:
+    """Refuse pixels no frame should have; return a few numbers worth keeping.
+
+    Raises
+    ------
+    FrameError
+        ``nan_data`` when more than half the pixels are NaN or infinite; ``constant_data`` when every finite
+        pixel has the same value.
+
+    Returns
+    -------
+    dict
+        ``nonfinite`` (count of NaN/inf pixels), ``min`` and ``max`` of the finite pixels.
+    """
+    total = data.size
+    finite = np.isfinite(data)
+    n_finite = int(np.count_nonzero(finite))
+    bad = total - n_finite
+    if n_finite == 0:
+        raise FrameError("nan_data", f"all {total} pixels are NaN or infinite")
+    if bad * 2 > total:
+        share = f"{100 * bad / total:.0f}%"
+        raise FrameError("nan_data", f"{bad} of {total} pixels ({share}) are NaN or infinite")
+    values = data if bad == 0 else data[finite]
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise FrameError("constant_data", f"every pixel has the value {low:g}: no signal was recorded")
+    return {"nonfinite": bad, "min": low, "max": high}
+
+
+def inspect_frame(path: Path, *, options: ClassifyOptions, sha256: str | None = None) -> FrameMeta:
+    """Check one raw file from its bytes to its pixels and describe it.
+
+    Steps: the file is whole (:func:`~service.fitsio.check_complete`'s walk); an image HDU exists and is a
+    2-D frame of at least :data:`MIN_SIZE` pixels each way; the header normalises (kind, exposure, date...);
+    the pixels are not mostly NaN/inf and not all equal. The raw file is only read.
+
+    Parameters
+    ----------
+    path : Path
+        The raw file.
+    options : ClassifyOptions
+        Synonyms, overrides, filter aliases, site longitude/timezone.
+    sha256 : str, optional
+        The file's hash when the caller already computed it.
+
+    Returns
+    -------
+    FrameMeta
+        ``extra`` also holds ``hdu`` (index of the image HDU) and ``pixel_min``/``pixel_max``/``nonfinite``.
+
+    Raises
+    ------
+    FrameError
+        Always this and nothing else: the file's own problem as its reason (``empty``, ``not_fits``,
+        ``truncated``, ``unreadable``, ``no_image_data``, ``unsupported_dimensions``, ``unknown_type``,
+        ``missing_exposure``, ``bad_header_value``, ``nan_data``, ``constant_data``), or ``processing_error``
+        naming an unexpected exception.
+    """
+    path = Path(path)
+    try:
+        return _inspect(path, options, sha256)
+    except FrameError:
+        raise
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise FrameError("unreadable", f"cannot read {path}: {why}") from exc
+    except MemoryError as exc:
+        raise FrameError("processing_error", f"not enough memory to inspect {path.name}") from exc
+    except Exception as exc:
+        raise FrameError(
+            "processing_error", f"inspecting {path.name} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _inspect(path: Path, options: ClassifyOptions, sha256: str | None) -> FrameMeta:
+    infos = scan_hdus(path)
+    info = find_image_hdu(infos)
+    height, width = info.shape
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise FrameError(
+            "unsupported_dimensions",
+            f"the image is {width} x {height} pixels; a frame is at least {MIN_SIZE} x {MIN_SIZE}",
+        )
+    header = read_header(path, info, infos)
+    st = os.stat(path)
+    digest = sha256 if sha256 is not None else sha256_file(path)
+    meta = normalise(
+        header, path=str(path), sha256=digest, size_bytes=st.st_size, options=options, mtime=st.st_mtime
+    )
+    meta.naxis1, meta.naxis2 = width, height
+    stats = check_pixels(read_pixels(path, info, header))
+    meta.extra.update(
+        hdu=info.index, pixel_min=stats["min"], pixel_max=stats["max"], nonfinite=int(stats["nonfinite"])
+    )
+    return meta

@@ -1,0 +1,427 @@
+"""Master calibration frames from raw files: bias, dark, darkflat, flat, and the bad-pixel mask.
+
+Each maker takes the raw paths of one calibration set, combines them with
+:func:`service.combine.combine_files` (bounded memory), and returns an :class:`~service.frame.Image` whose
+header says what it is and how it was made: IMAGETYP 'MASTER ...', the matching keys of the set, NCOMBINE,
+COMBMETH, BIASSUB/DARKSUB/FLATNORM, the inputs and the steps as HISTORY. Bias is a sigma-clipped average;
+darks are bias-subtracted, then median-combined; flats are bias- (and dark-) subtracted, scaled by their own
+median, combined and normalised to median 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.stats import mad_std
+
+from service.calibrate import CalibrationError, check_dark_bias, dark_scale, exposure_of, is_bias_subtracted
+from service.combine import DEFAULT_MEM_LIMIT, combine_files, read_header
+from service.frame import Image
+from service.provenance import add_history, logged
+
+__all__ = [
+    "MATCH_KEYS",
+    "bad_pixel_mask",
+    "make_master_bias",
+    "make_master_dark",
+    "make_master_darkflat",
+    "make_master_flat",
+]
+
+#: Keys copied from the first input: what a light must match to use the master.
+MATCH_KEYS = (
+    "INSTRUME",
+    "TELESCOP",
+    "XBINNING",
+    "YBINNING",
+    "GAIN",
+    "OFFSET",
+    "READOUTM",
+    "SET-TEMP",
+    "BAYERPAT",
+)
+_EXPTIME_RTOL = 1e-4
+_EXPTIME_ATOL = 1e-3
+
+
+def _start_time(header: fits.Header) -> datetime | None:
+    """DATE-OBS as a naive UTC datetime; a date alone is completed by TIME-OBS (IRAF style)."""
+    text = header.get("DATE-OBS")
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    time_obs = header.get("TIME-OBS")
+    if "T" not in text and isinstance(time_obs, str):
+        text = f"{text}T{time_obs.strip()}"
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if stamp.tzinfo is not None:
+        stamp = stamp.astimezone(UTC).replace(tzinfo=None)
+    return stamp
+
+
+def _mean_date(headers: Sequence[fits.Header]) -> str | None:
+    """Mean start time of the inputs, ISO 8601 without timezone; None when no DATE-OBS parses."""
+    stamps = [s for s in (_start_time(h) for h in headers) if s is not None]
+    if not stamps:
+        return None
+    base = stamps[0]
+    mean = base + sum((s - base for s in stamps), timedelta()) / len(stamps)
+    return mean.isoformat(timespec="microseconds")
+
+
+def _mean_number(headers: Sequence[fits.Header], key: str) -> float | None:
+    values = [
+        float(h[key])
+        for h in headers
+        if isinstance(h.get(key), (int, float)) and not isinstance(h.get(key), bool) and math.isfinite(h[key])
+    ]
+    return float(np.mean(values)) if values else None
+
+
+def _common_exposure(paths: Sequence[Path], headers: Sequence[fits.Header], what: str) -> float:
+    """The one exposure time of a set of darks; refuse a set that mixes exposures or lacks them."""
+    times = []
+    for path, header in zip(paths, headers, strict=True):
+        exptime = exposure_of(header)
+        if exptime is None:
+            raise CalibrationError(f"{Path(path).name}: a {what} without EXPTIME/EXPOSURE")
+        times.append(exptime)
+    if not all(math.isclose(t, times[0], rel_tol=_EXPTIME_RTOL, abs_tol=_EXPTIME_ATOL) for t in times):
+        raise CalibrationError(
+            f"{what} set mixes exposure times {sorted(set(times))}: one master per exposure"
+        )
+    return times[0]
+
+
+def _check_shape(master: Image | None, headers: Sequence[fits.Header], what: str) -> None:
+    if master is None:
+        return
+    shape = (headers[0].get("NAXIS2"), headers[0].get("NAXIS1"))
+    if master.data.shape != shape:
+        raise CalibrationError(f"{what} has shape {master.data.shape}, the frames are {shape}")
+
+
+def _master(
+    kind: str,
+    data: np.ndarray,
+    headers: Sequence[fits.Header],
+    stats: dict,
+    inputs_note: Sequence[str],
+    steps: Sequence[str],
+    *,
+    keys: Sequence[str] = (),
+    biassub: bool = False,
+    darksub: bool = False,
+) -> Image:
+    """Assemble a master's Image: header from the first input's matching keys, the stats, inputs and steps."""
+    first = headers[0]
+    header = fits.Header()
+    header["IMAGETYP"] = (f"MASTER {kind.upper()}", "nightshift master calibration frame")
+    for key in (*MATCH_KEYS, *keys):
+        if key in first and key not in header:
+            header[key] = (first[key], first.comments[key])
+    if "EXPTIME" in keys and "EXPTIME" not in header and exposure_of(first) is not None:
+        header["EXPTIME"] = (exposure_of(first), "[s] exposure time of the inputs")
+    temp = _mean_number(headers, "CCD-TEMP")
+    if temp is not None:
+        header["CCD-TEMP"] = (round(temp, 4), "[C] mean sensor temperature of the inputs")
+    date = _mean_date(headers)
+    if date is not None:
+        header["DATE-OBS"] = (date, "mean start time of the inputs (UTC)")
+    header["NCOMBINE"] = (stats["n"], "number of frames combined")
+    header["COMBMETH"] = (stats["method"], "how the frames were combined")
+    header["BIASSUB"] = (biassub, "master bias subtracted from the inputs")
+    header["DARKSUB"] = (darksub, "dark subtracted from the inputs")
+    for note in inputs_note:
+        add_history(header, "NSINPUT", note)
+    for step in steps:
+        add_history(header, "NSSTEP", step)
+    rejected = stats.get("rejected_fraction", 0.0)
+    add_history(header, "NSSTEP", f"combined {stats['n']} frames: {stats['method']}, {rejected:.4%} rejected")
+    return Image(data=data, header=header)
+
+
+@logged
+def make_master_bias(
+    paths: Sequence[Path | str],
+    *,
+    inputs_note: Sequence[str] = (),
+    sigma: float = 3.0,
+    mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+) -> Image:
+    """Master bias: the sigma-clipped average of raw bias frames.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Raw bias files of one camera setting.
+    inputs_note : sequence of str
+        One line per input (file name, sha256 prefix) for the HISTORY.
+    sigma : float
+        Clipping threshold (standard deviations about the median of each pixel's stack).
+    mem_limit_bytes : int
+        Working memory for the combine.
+
+    Returns
+    -------
+    Image
+        float32, IMAGETYP 'MASTER BIAS', BIASSUB = F.
+    """
+    headers = [read_header(p) for p in paths]
+    data, stats = combine_files(paths, method="average", sigma=sigma, mem_limit_bytes=mem_limit_bytes)
+    return _master("bias", data, headers, stats, inputs_note, ())
+
+
+def _make_dark_like(
+    kind: str,
+    paths: Sequence[Path | str],
+    bias: Image | None,
+    method: str,
+    sigma: float,
+    inputs_note: Sequence[str],
+    mem_limit_bytes: int,
+) -> Image:
+    headers = [read_header(p) for p in paths]
+    exptime = _common_exposure(list(paths), headers, kind)
+    _check_shape(bias, headers, "master bias")
+    subtract = [(bias.data, 1.0)] if bias is not None else []
+    data, stats = combine_files(
+        paths, method=method, sigma=sigma, subtract=subtract, mem_limit_bytes=mem_limit_bytes
+    )
+    steps = []
+    if bias is not None:
+        steps.append(f"master bias subtracted from each input ({bias.header.get('NCOMBINE', '?')} frames)")
+    master = _master(
+        kind, data, headers, stats, inputs_note, steps, keys=("EXPTIME",), biassub=bias is not None
+    )
+    master.header["EXPTIME"] = (exptime, "[s] exposure time of the inputs")
+    return master
+
+
+@logged
+def make_master_dark(
+    paths: Sequence[Path | str],
+    *,
+    bias: Image | None,
+    method: str = "median",
+    sigma: float = 3.0,
+    inputs_note: Sequence[str] = (),
+    mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+) -> Image:
+    """Master dark of one exposure: inputs bias-subtracted with the master bias, then combined.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Raw darks, all of the same exposure time.
+    bias : Image or None
+        Master bias. Given: the master is BIASSUB = T and can be scaled to other exposures; None: the master
+        still holds the bias (BIASSUB = F) and is only valid for lights of its own exposure.
+    method : {"median", "average"}
+        Median (removes cosmic rays with any number of frames) or sigma-clipped average (``sigma``; needs
+        roughly ten or more frames before clipping can reject a cosmic ray).
+    sigma : float
+        Clipping threshold for ``"average"``.
+    inputs_note : sequence of str
+        One line per input for the HISTORY.
+    mem_limit_bytes : int
+        Working memory for the combine.
+
+    Returns
+    -------
+    Image
+        float32, IMAGETYP 'MASTER DARK', EXPTIME of the inputs, BIASSUB.
+
+    Raises
+    ------
+    CalibrationError
+        Inputs of different exposures or without one; a bias of another shape.
+    """
+    return _make_dark_like("dark", paths, bias, method, sigma, inputs_note, mem_limit_bytes)
+
+
+@logged
+def make_master_darkflat(
+    paths: Sequence[Path | str],
+    *,
+    bias: Image | None = None,
+    method: str = "median",
+    sigma: float = 3.0,
+    inputs_note: Sequence[str] = (),
+    mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+) -> Image:
+    """Master darkflat (darks at the flats' exposure, N.I.N.A. DARKFLAT): combined like darks.
+
+    Without ``bias`` (the usual case) it still holds the bias and replaces bias and dark for flats of its
+    exposure. Parameters and result as :func:`make_master_dark`, IMAGETYP 'MASTER DARKFLAT'.
+    """
+    return _make_dark_like("darkflat", paths, bias, method, sigma, inputs_note, mem_limit_bytes)
+
+
+def _flat_terms(
+    paths: Sequence[Path | str],
+    headers: Sequence[fits.Header],
+    bias: Image | None,
+    dark: Image | None,
+    darkflat: Image | None,
+) -> tuple[list, list[str], bool, bool]:
+    """What to subtract from each flat: (array, per-flat factors) terms, step lines, BIASSUB, DARKSUB."""
+    steps: list[str] = []
+    if darkflat is not None:
+        if dark is not None or (bias is not None and not is_bias_subtracted(darkflat)):
+            steps.append("darkflat replaces the master bias and dark for these flats")
+        dark, bias = darkflat, (bias if is_bias_subtracted(darkflat) else None)
+    check_dark_bias(bias, dark)
+    _check_shape(bias, headers, "master bias")
+    _check_shape(dark, headers, "master darkflat" if darkflat is not None else "master dark")
+    terms: list = []
+    if bias is not None:
+        terms.append((bias.data, 1.0))
+        steps.append(f"master bias subtracted ({bias.header.get('NCOMBINE', '?')} frames)")
+    if dark is not None:
+        factors = []
+        for path, header in zip(paths, headers, strict=True):
+            exptime = exposure_of(header)
+            if exptime is None:
+                raise CalibrationError(
+                    f"{Path(path).name}: a flat without EXPTIME/EXPOSURE cannot take a dark"
+                )
+            factors.append(dark_scale(exptime, dark))
+        terms.append((dark.data, factors))
+        kind = str(dark.header.get("IMAGETYP", "MASTER DARK")).lower()
+        scaled = sorted({round(f, 6) for f in factors})
+        steps.append(f"{kind} subtracted, {exposure_of(dark.header):g} s scaled by {scaled}")
+    biassub = bias is not None or (dark is not None and not is_bias_subtracted(dark))
+    return terms, steps, biassub, dark is not None
+
+
+@logged
+def make_master_flat(
+    paths: Sequence[Path | str],
+    *,
+    bias: Image | None,
+    dark: Image | None = None,
+    darkflat: Image | None = None,
+    method: str = "average",
+    sigma: float = 3.0,
+    inputs_note: Sequence[str] = (),
+    mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+) -> Image:
+    """Master flat of one filter, normalised so its median is 1 (FLATNORM = 'median').
+
+    Each flat is bias-subtracted (and dark-subtracted when a dark is given: a bias-subtracted dark is
+    scaled to each flat's exposure), scaled by 1 / its own median, the stack combined, and the result
+    divided by its median.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Raw flats of one filter.
+    bias : Image or None
+        Master bias.
+    dark : Image, optional
+        Master dark (BIASSUB = T to be scaled; one still holding the bias only at the flats' exposure and
+        without ``bias``).
+    darkflat : Image, optional
+        Master darkflat at the flats' exposure; replaces bias and dark (which are then not used).
+    method : {"average", "median"}
+        Sigma-clipped average (``sigma``) or median of the scaled flats.
+    sigma : float
+        Clipping threshold for ``"average"``.
+    inputs_note : sequence of str
+        One line per input for the HISTORY.
+    mem_limit_bytes : int
+        Working memory for the combine.
+
+    Returns
+    -------
+    Image
+        float32 with median 1, IMAGETYP 'MASTER FLAT', FILTER, BIASSUB, DARKSUB, FLATNORM = 'median'.
+
+    Raises
+    ------
+    CalibrationError
+        Flats of different filters; masters that do not fit (see :func:`service.calibrate.dark_scale` and
+        :func:`service.calibrate.check_dark_bias`).
+    """
+    headers = [read_header(p) for p in paths]
+    filters = {str(h.get("FILTER", "")).strip().lower() for h in headers}
+    if len(filters) > 1:
+        raise CalibrationError(f"flat set mixes filters {sorted(filters)}: one master per filter")
+    terms, steps, biassub, darksub = _flat_terms(paths, headers, bias, dark, darkflat)
+    data, stats = combine_files(
+        paths, method=method, sigma=sigma, scale="median", subtract=terms, mem_limit_bytes=mem_limit_bytes
+    )
+    levels = stats["medians"]
+    steps.append(f"each flat scaled by 1/its median (levels {min(levels):.6g} to {max(levels):.6g})")
+    norm = float(np.median(data))
+    if not math.isfinite(norm) or norm <= 0:
+        raise CalibrationError(f"combined flat has median {norm:g}; cannot normalise")
+    data /= np.float32(norm)
+    steps_after = f"normalised by its median {norm:.6g}"
+    master = _master("flat", data, headers, stats, inputs_note, steps, keys=("FILTER",), biassub=biassub)
+    master.header["DARKSUB"] = (darksub, "dark subtracted from the inputs")
+    master.header["FLATNORM"] = ("median", "master divided by its median: median = 1")
+    master.header["FLATLVL"] = (float(np.median(levels)), "median level of the inputs (ADU)")
+    add_history(master.header, "NSSTEP", steps_after)
+    return master
+
+
+def bad_pixel_mask(
+    *,
+    dark: Image | None = None,
+    flat: Image | None = None,
+    hot_sigma: float = 8.0,
+    low: float = 0.5,
+    high: float = 1.5,
+) -> np.ndarray:
+    """Bad pixels (True = bad) from a master dark (hot) and a master flat (dead or over-responsive).
+
+    Parameters
+    ----------
+    dark : Image, optional
+        Master dark: a pixel is hot when its value is above the median by more than ``hot_sigma`` robust
+        standard deviations (MAD-based), which is the same test on the dark rate.
+    flat : Image, optional
+        Master flat: bad where the response, relative to its median, is below ``low`` or above ``high``.
+    hot_sigma, low, high : float
+        Thresholds.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        True where the pixel is bad, including non-finite values.
+    """
+    if dark is None and flat is None:
+        raise ValueError("bad_pixel_mask needs a dark, a flat or both")
+    if dark is not None and flat is not None and dark.data.shape != flat.data.shape:
+        raise ValueError(f"dark shape {dark.data.shape} differs from flat shape {flat.data.shape}")
+    shape = (dark if dark is not None else flat).data.shape
+    bad = np.zeros(shape, dtype=bool)
+    if dark is not None:
+        values = dark.data
+        finite = np.isfinite(values)
+        level = float(np.median(values[finite])) if finite.any() else 0.0
+        spread = float(mad_std(values[finite])) if finite.any() else 0.0
+        if spread == 0.0 and finite.any():
+            spread = float(np.std(values[finite]))
+        bad |= ~finite
+        if spread > 0:
+            bad |= values > level + hot_sigma * spread
+    if flat is not None:
+        values = flat.data
+        finite = np.isfinite(values)
+        norm = float(np.median(values[finite])) if finite.any() else 1.0
+        if not norm > 0:
+            raise ValueError(f"flat median {norm:g}: not a flat")
+        relative = values / np.float32(norm)
+        bad |= ~((relative >= low) & (relative <= high))  # NaN compares False: bad
+    return bad

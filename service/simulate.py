@@ -1,0 +1,941 @@
+"""A simulated observing night: raw FITS frames written the way real capture programs write them.
+
+nightshift's own camera. It plans a night (bias, darks, flats per filter, lights per object, filter and
+exposure), renders each frame from a fixed camera model and writes it as a real camera would: uint16 with
+BZERO=32768, in the header words of one of several capture programs, optionally slowly in chunks or as a
+temporary file renamed at the end, plus deliberately broken files. The same tool makes a 512-pixel test night
+and a 4k benchmark night.
+
+The camera model (all in ADU unless stated)::
+
+    raw = bias + dark_rate * t + response * signal + noise + cosmic rays      (rounded, clipped to 0..65535)
+
+``bias`` is a level of ~949 with a fixed column/row pattern, ``dark_rate`` (ADU/s) a low dark current with a
+faint amplifier glow and hot pixels, ``response`` the flat field of the filter (vignetting x dust donuts x
+pixel-to-pixel variation, median 1) and ``signal`` what falls on the sensor: sky + stars for a light, a
+uniform level for a flat, nothing for bias and dark. The noise is shot noise of ``dark_rate * t + response *
+signal`` at a gain of 1.4 e-/ADU plus 12 ADU of read noise. The true maps are exposed
+(:meth:`NightPlan.true_bias`, :meth:`NightPlan.true_dark_rate`, :meth:`NightPlan.true_response`) and
+:meth:`NightPlan.truth_signal` gives ``signal`` noise-free, so ``(raw - bias - dark_rate * t) / response ==
+truth_signal + noise``.
+
+Pixel coordinates are 0-based ``(x, y)`` = (column, row) with pixel centres on integers, as sep and astroalign
+use. A star at reference position ``p0`` of its object appears in a light at ``c + F R (p0 - c) + offset``,
+where ``c`` is the image centre ``((W-1)/2, (H-1)/2)``, ``R`` the frame's small rotation, ``F`` = -1 after a
+meridian flip (180 degrees about the centre) and ``offset`` the frame's pointing offset (dither) in its own
+pixels.
+
+Nothing here is imported by the pipeline; tests, the demo and the benchmark use it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+__all__ = [
+    "BIAS_LEVEL",
+    "BROKEN_FILES",
+    "DIALECTS",
+    "GAIN",
+    "READ_NOISE",
+    "SATURATION",
+    "NightPlan",
+    "SimConfig",
+    "SimFrame",
+    "plan_night",
+    "simulate_night",
+    "write_frame",
+]
+
+#: Camera model.
+BIAS_LEVEL = 949.0  # ADU
+READ_NOISE = 12.0  # ADU
+GAIN = 1.4  # e-/ADU
+SATURATION = 65535
+DARK_RATE = 0.07  # ADU/s, typical pixel: a 300 s dark holds ~25 ADU on average
+HOT_FRACTION = 3e-4  # of pixels
+HOT_RATES = (0.5, 200.0)  # ADU/s, log-uniform: the brightest saturate in 300 s
+COLUMN_PATTERN = 4.5  # ADU rms of the fixed column pattern of the bias
+ROW_PATTERN = 1.0  # ADU rms of the fixed row pattern
+PIXEL_SIZE_UM = 5.4
+FOCAL_LENGTH_MM = 1600.0
+
+#: Capture programs whose header words the simulator writes; "mixed" cycles through them frame by frame.
+DIALECTS = ("maxim", "nina", "ekos", "sharpcap", "sgp", "apt", "asiair", "iraf")
+
+#: Deliberately broken files written with ``SimConfig(broken=True)``: file stem -> FrameError reason expected.
+BROKEN_FILES: dict[str, str] = {
+    "empty": "empty",
+    "not_fits": "not_fits",
+    "truncated": "truncated",
+    "no_image_data": "no_image_data",
+    "cube": "unsupported_dimensions",
+    "unknown_type": "unknown_type",
+    "missing_exposure": "missing_exposure",
+    "bad_exptime": "bad_header_value",
+    "bad_date": "bad_header_value",
+    "constant": "constant_data",
+    "nan": "nan_data",
+}
+HOSTILE_NAME = "odd/hostile.fits"
+HOSTILE_OBJECT = "../../etc/passwd"
+HOSTILE_FILTER = "B/V"
+
+_TYPE_WORDS = {
+    "maxim": {"bias": "Bias Frame", "dark": "Dark Frame", "flat": "Flat Field", "light": "Light Frame"},
+    "nina": {"bias": "BIAS", "dark": "DARK", "flat": "FLAT", "light": "LIGHT"},
+    "ekos": {"bias": "Bias", "dark": "Dark", "flat": "Flat", "light": "Light"},  # in FRAME
+    "sharpcap": {"bias": "Bias", "dark": "Dark", "flat": "Flat", "light": "Light"},
+    "sgp": {"bias": "Bias Frame", "dark": "Dark Frame", "flat": "Flat Frame", "light": "Light Frame"},
+    "apt": {"bias": "Bias", "dark": "Dark", "flat": "Flat", "light": "Light"},
+    "asiair": {"bias": "Bias", "dark": "Dark", "flat": "Flat", "light": "Light"},
+    "iraf": {"bias": "zero", "dark": "dark", "flat": "flat", "light": "object"},
+}
+_SOFTWARE = {
+    "maxim": "MaxIm DL Version 6.40 220803 1HM03",
+    "nina": "N.I.N.A. 3.1.2.9001 (x64)",
+    "ekos": "KStars 3.7.4 Ekos",
+    "sharpcap": "SharpCap v4.1.12367.0, 64 bit",
+    "sgp": "Sequence Generator Pro v4.3.0.1227",
+    "apt": "Astro Photography Tool - APT v.4.30",
+    "asiair": "ASIAIR Plus 2.2",
+    "iraf": None,
+}
+_EXTENSIONS = {
+    "maxim": ".fit",
+    "nina": ".fits",
+    "ekos": ".fits",
+    "sharpcap": ".fits",
+    "sgp": ".fit",
+    "apt": ".fits",
+    "asiair": ".fit",
+    "iraf": ".fits",
+}
+#: Star flux through each filter relative to V (blue ones also depend on the star's colour); sky in ADU/s.
+_THROUGHPUT = {"U": 0.15, "B": 0.6, "V": 1.0, "R": 1.2, "I": 0.9, "L": 2.5, "HA": 0.12, "OIII": 0.08}
+_SKY_RATE = {"U": 0.2, "B": 0.4, "V": 0.9, "R": 1.3, "I": 1.6, "L": 3.0, "HA": 0.08, "OIII": 0.06}
+_KNOWN_COORDS = {"NGC 6939": (307.875, 60.65), "M 31": (10.6847, 41.2690), "M 42": (83.8221, -5.3911)}
+
+# Random streams: every random thing comes from default_rng([seed, stream, ...]) so it is reproducible alone.
+_S_PLAN, _S_BIAS, _S_DARK, _S_RESP, _S_DUST, _S_STARS, _S_NOISE, _S_COSMIC = range(8)
+
+_BETA = 3.5  # Moffat PSF
+_STAMP_RADII = (7, 15, 31, 63)
+_F_MIN, _F_SLOPE, _F_MAX = 8.0, 0.7, 3.0e4  # star fluxes in V, ADU/s: Pareto tail N(>F) ~ F^-0.7
+_READOUT_S = 3.0
+
+
+@dataclass
+class SimConfig:
+    """What night to simulate. Counts are per group; sizes in pixels; times in seconds.
+
+    ``order``: "natural" (bias, darks, flats, lights), "lights-first" (lights, flats, darks, bias) or
+    "shuffled" (times of a natural night, written in random order). ``dialect``: one of :data:`DIALECTS` or
+    "mixed" (cycles through them; broken files always use N.I.N.A.'s words). ``cloudy`` lights go into the
+    largest light group. ``stars`` is the density of the star field per 512 x 512 pixels; ``cosmic_rays``
+    hits per megapixel per 100 s of exposure (0 for none); ``exact_poisson`` draws true Poisson shot noise
+    instead of its Gaussian approximation (slower). ``extension`` overrides each dialect's own file
+    extension (".fit" for MaxIm, SGP, ASIAIR; ".fits" else).
+    """
+
+    size: int = 512
+    n_bias: int = 5
+    n_dark: int = 5
+    dark_exptimes: tuple[float, ...] = (30.0, 300.0)
+    n_flat: int = 5
+    flat_exptime: float = 2.0
+    filters: tuple[str, ...] = ("B", "V")
+    objects: tuple[str, ...] = ("NGC 6939",)
+    light_exptimes: tuple[float, ...] = (30.0, 300.0)
+    n_light: int = 4
+    order: str = "natural"
+    dialect: str = "mixed"
+    cloudy: int = 1
+    meridian_flip: bool = True
+    broken: bool = False
+    set_temp: float = -10.0
+    camera: str = "SBIG ST-8300M"
+    start: str = "2026-11-25T18:30:00"
+    seed: int = 0
+    subfolders: bool = True
+    width: int | None = None
+    height: int | None = None
+    stars: float = 300.0
+    max_offset: float = 4.0
+    max_rotation: float = 0.3
+    cosmic_rays: float = 20.0
+    exact_poisson: bool = False
+    extension: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.order not in ("natural", "lights-first", "shuffled"):
+            raise ValueError(f"unknown order {self.order!r}")
+        if self.dialect != "mixed" and self.dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {self.dialect!r}; one of {(*DIALECTS, 'mixed')}")
+        if min(self.shape) < 16:
+            raise ValueError(f"frames of {self.shape} are too small to simulate")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return (self.height or self.size, self.width or self.size)
+
+
+@dataclass
+class SimFrame:
+    """One planned file: what it truly is and how it was taken.
+
+    ``date_obs`` is naive UTC, exactly as written in the header (truncated to the dialect's precision).
+    ``level`` is the flat's illumination or the light's mean sky (ADU); ``sky_gradient`` the sky's slope in
+    ADU per pixel along x and y; ``rotation`` degrees; ``transparency`` scales star fluxes (about 0.2 when
+    cloudy). ``broken`` is the FrameError reason nightshift must give for a deliberately broken file.
+    """
+
+    name: str
+    kind: str
+    exptime: float
+    filter: str | None
+    object: str | None
+    date_obs: datetime
+    dialect: str
+    index: int
+    cloudy: bool = False
+    flipped: bool = False
+    offset: tuple[float, float] = (0.0, 0.0)
+    broken: str | None = None
+    rotation: float = 0.0
+    fwhm: float = 3.0
+    transparency: float = 1.0
+    level: float = 0.0
+    sky_gradient: tuple[float, float] = (0.0, 0.0)
+    ccd_temp: float = 0.0
+
+
+def _key(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _filter_key(name: str | None) -> str:
+    return (name or "").strip().upper()
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_.") or "object"
+
+
+def _exp_word(t: float) -> str:
+    return f"{t:g}s"
+
+
+@dataclass
+class NightPlan:
+    """A planned night: the frames in writing order and the true camera and sky that render them."""
+
+    config: SimConfig
+    frames: list[SimFrame]
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- geometry --------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of every frame."""
+        return self.config.shape
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """(x, y) of the image centre, the axis of rotations and meridian flips."""
+        h, w = self.shape
+        return ((w - 1) / 2.0, (h - 1) / 2.0)
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, *keys])
+
+    def _grid(self) -> tuple[np.ndarray, np.ndarray]:
+        if "grid" not in self._cache:
+            h, w = self.shape
+            cx, cy = self.centre
+            x = np.arange(w, dtype=np.float32)[None, :] - np.float32(cx)
+            y = np.arange(h, dtype=np.float32)[:, None] - np.float32(cy)
+            self._cache["grid"] = (x, y)
+        return self._cache["grid"]
+
+    # -- true camera -----------------------------------------------------------------------------------------
+    def true_bias(self) -> np.ndarray:
+        """The noise-free bias per pixel (ADU, float32, read-only): ~949 with a column and row pattern."""
+        if "bias" not in self._cache:
+            h, w = self.shape
+            rng = self._rng(_S_BIAS)
+            cols = rng.normal(0.0, COLUMN_PATTERN, w).astype(np.float32)
+            bad = rng.choice(w, size=max(1, w // 500), replace=False)
+            cols[bad] += rng.uniform(15.0, 40.0, bad.size).astype(np.float32)  # a few bright columns
+            rows = rng.normal(0.0, ROW_PATTERN, h).astype(np.float32)
+            _, y = self._grid()
+            ramp = np.float32(1.5) * y / np.float32(h)  # a faint slope along the readout direction
+            bias = np.float32(BIAS_LEVEL) + cols[None, :] + rows[:, None] + ramp
+            bias -= np.float32(bias.mean() - BIAS_LEVEL)
+            self._cache["bias"] = _readonly(bias.astype(np.float32))
+        return self._cache["bias"]
+
+    def true_dark_rate(self) -> np.ndarray:
+        """Dark current per pixel in ADU/s (float32, read-only), amplifier glow and hot pixels included."""
+        if "dark" not in self._cache:
+            h, w = self.shape
+            rng = self._rng(_S_DARK)
+            rate = rng.lognormal(0.0, 0.3, (h, w)).astype(np.float32)
+            rate *= np.float32(DARK_RATE / math.exp(0.3**2 / 2))
+            x, y = self._grid()
+            cx, cy = self.centre
+            glow_scale = np.float32(0.08 * max(h, w))
+            dist = np.sqrt((x - np.float32(cx)) ** 2 + (y + np.float32(cy)) ** 2)  # from pixel (w-1, 0)
+            rate += np.float32(0.1) * np.exp(-dist / glow_scale)
+            n_hot = max(3, round(HOT_FRACTION * h * w))
+            flat_idx = rng.choice(h * w, size=n_hot, replace=False)
+            lo, hi = HOT_RATES
+            rate.ravel()[flat_idx] = np.exp(rng.uniform(math.log(lo), math.log(hi), n_hot)).astype(np.float32)
+            hot = np.zeros((h, w), dtype=bool)
+            hot.ravel()[flat_idx] = True
+            self._cache["hot"] = _readonly(hot)
+            self._cache["dark"] = _readonly(rate)
+        return self._cache["dark"]
+
+    def hot_pixels(self) -> np.ndarray:
+        """Boolean mask of the hot pixels (read-only)."""
+        self.true_dark_rate()
+        return self._cache["hot"]
+
+    def _dust(self, stream_key: int, count: int, rng: np.random.Generator) -> np.ndarray:
+        h, w = self.shape
+        scale = max(h, w) / 512.0
+        out = np.ones((h, w), dtype=np.float32)
+        for _ in range(count):
+            x0 = rng.uniform(0.05 * w, 0.95 * w)
+            y0 = rng.uniform(0.05 * h, 0.95 * h)
+            radius = rng.uniform(8.0, 25.0) * scale
+            width = radius * rng.uniform(0.15, 0.3)
+            depth = rng.uniform(0.02, 0.08)
+            half = int(radius + 4 * width) + 1
+            xa, xb = max(0, int(x0) - half), min(w, int(x0) + half + 1)
+            ya, yb = max(0, int(y0) - half), min(h, int(y0) + half + 1)
+            yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
+            r = np.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
+            ring = np.exp(-0.5 * ((r - radius) / width) ** 2)
+            disc = 0.35 * np.exp(-0.5 * (r / (0.6 * radius)) ** 2)  # the donut's centre is less dark
+            out[ya:yb, xa:xb] *= (1.0 - depth * np.maximum(ring, disc)).astype(np.float32)
+        return out
+
+    def true_response(self, filter: str | None) -> np.ndarray:
+        """The flat-field response for ``filter`` (float32, median exactly 1, read-only).
+
+        Vignetting x dust donuts (some on the sensor window, shared by all filters; some on the filter) x a
+        small pixel-to-pixel variation shared by all filters.
+        """
+        fkey = _filter_key(filter)
+        if ("resp", fkey) not in self._cache:
+            if "resp_common" not in self._cache:
+                h, w = self.shape
+                rng = self._rng(_S_RESP)
+                x, y = self._grid()
+                r2 = (x * x + y * y) / np.float32((0.5 * max(h, w)) ** 2 * 2)
+                vignette = np.float32(1.0) - np.float32(0.3) * r2 - np.float32(0.05) * r2 * r2
+                prnu = np.float32(1.0) + np.float32(0.008) * rng.standard_normal((h, w), dtype=np.float32)
+                window = self._dust(0, int(rng.integers(3, 6)), rng)
+                self._cache["resp_common"] = vignette * prnu * window
+            rng = self._rng(_S_DUST, _key(fkey))
+            resp = self._cache["resp_common"] * self._dust(1, int(rng.integers(1, 3)), rng)
+            resp /= np.float32(np.median(resp))
+            self._cache[("resp", fkey)] = _readonly(resp.astype(np.float32))
+        return self._cache[("resp", fkey)]
+
+    # -- the sky ---------------------------------------------------------------------------------------------
+    def star_catalogue(self, obj: str) -> dict[str, np.ndarray]:
+        """The object's fixed star field at its reference pointing, brightest first.
+
+        Returns ``{"x", "y", "flux_v" (ADU/s through V), "colour" (B-V)}``; the field extends a margin
+        beyond the frame so that offsets and rotations do not leave empty edges.
+        """
+        if ("cat", obj) not in self._cache:
+            h, w = self.shape
+            c = self.config
+            rng = self._rng(_S_STARS, _key(obj))
+            margin = c.max_offset + math.radians(max(c.max_rotation, 0.0)) * max(h, w) + 8.0
+            area = (w + 2 * margin) * (h + 2 * margin)
+            n = int(rng.poisson(c.stars * area / 512.0**2))
+            x = rng.uniform(-margin, w - 1 + margin, n)
+            y = rng.uniform(-margin, h - 1 + margin, n)
+            flux = np.minimum(_F_MIN * (1.0 - rng.random(n)) ** (-1.0 / _F_SLOPE), _F_MAX)
+            colour = rng.uniform(0.2, 1.4, n)
+            order = np.argsort(-flux, kind="stable")
+            cat = {"x": x[order], "y": y[order], "flux_v": flux[order], "colour": colour[order]}
+            self._cache[("cat", obj)] = {k: _readonly(v) for k, v in cat.items()}
+        return self._cache[("cat", obj)]
+
+    def transform(self, frame: SimFrame) -> np.ndarray:
+        """3x3 affine matrix taking reference (x, y, 1) of ``frame.object`` to its (x, y, 1) in ``frame``."""
+        cx, cy = self.centre
+        a = math.radians(frame.rotation)
+        f = -1.0 if frame.flipped else 1.0
+        rot = f * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+        m = np.eye(3)
+        m[:2, :2] = rot
+        m[:2, 2] = np.array([cx, cy]) - rot @ np.array([cx, cy]) + np.asarray(frame.offset, dtype=float)
+        return m
+
+    def star_positions(self, frame: SimFrame) -> np.ndarray:
+        """(N, 2) true x, y of every catalogue star of the frame's object in that frame, brightest first.
+
+        All catalogue stars are returned in the same order for every frame of an object, so rows correspond
+        between frames; some lie outside the frame (select with ``0 <= x <= W-1`` etc. if needed).
+        """
+        if frame.kind != "light" or frame.object is None:
+            return np.empty((0, 2))
+        cat = self.star_catalogue(frame.object)
+        m = self.transform(frame)
+        ref = np.stack([cat["x"], cat["y"]], axis=1)
+        return ref @ m[:2, :2].T + m[:2, 2]
+
+    def star_fluxes(self, frame: SimFrame) -> np.ndarray:
+        """Total ADU of each star (order of :meth:`star_positions`) in the frame, before the flat response."""
+        if frame.kind != "light" or frame.object is None:
+            return np.empty(0)
+        cat = self.star_catalogue(frame.object)
+        fk = _filter_key(frame.filter)
+        through = _THROUGHPUT.get(fk, 1.0)
+        if fk in ("U", "B"):
+            colour_term = 10.0 ** (-0.4 * cat["colour"] * (1.5 if fk == "U" else 1.0))
+        elif fk in ("R", "I"):
+            colour_term = 10.0 ** (0.15 * cat["colour"])
+        else:
+            colour_term = 1.0
+        return cat["flux_v"] * through * colour_term * frame.exptime * frame.transparency
+
+    def truth_signal(self, frame: SimFrame) -> np.ndarray:
+        """The noise-free signal in ADU before the flat response (float32, a new array).
+
+        Light: sky (with its gradient) + stars after offset, rotation and flip; flat: its uniform
+        illumination; bias and dark: zeros. A perfect calibration ``(raw - bias - dark_rate * t) / response``
+        recovers it plus noise (and cosmic rays), except where the raw pixel saturated.
+        """
+        h, w = self.shape
+        if frame.kind == "flat":
+            return np.full((h, w), frame.level, dtype=np.float32)
+        if frame.kind != "light":
+            return np.zeros((h, w), dtype=np.float32)
+        x, y = self._grid()
+        gx, gy = frame.sky_gradient
+        sig = np.float32(frame.level) + np.float32(gx) * x + np.float32(gy) * y
+        sig = np.ascontiguousarray(np.broadcast_to(sig, (h, w)), dtype=np.float32)
+        pos = self.star_positions(frame)
+        _add_stars(sig, pos[:, 0], pos[:, 1], self.star_fluxes(frame), frame.fwhm)
+        return sig
+
+    # -- frames ----------------------------------------------------------------------------------------------
+    def render(self, frame: SimFrame) -> tuple[np.ndarray, fits.Header]:
+        """The frame's uint16 pixels and its capture program's header; deterministic (seed + frame index).
+
+        Raises ValueError for deliberately broken files, which have no sound image: see :meth:`frame_bytes`.
+        """
+        if frame.broken is not None:
+            raise ValueError(f"{frame.name} is a deliberately broken file ({frame.broken}); use frame_bytes()")
+        return self._pixels(frame), self.header(frame)
+
+    def _pixels(self, frame: SimFrame) -> np.ndarray:
+        h, w = self.shape
+        c = self.config
+        t = np.float32(frame.exptime if frame.kind != "bias" else 0.0)
+        rng = self._rng(_S_NOISE, frame.index)
+        expected = self.true_dark_rate() * t
+        if frame.kind in ("light", "flat"):
+            expected += self.true_response(frame.filter) * self.truth_signal(frame)
+        if c.exact_poisson:
+            shot = rng.poisson(np.maximum(expected, 0) * GAIN).astype(np.float32) / np.float32(GAIN)
+            raw = shot + np.float32(READ_NOISE) * rng.standard_normal((h, w), dtype=np.float32)
+        else:
+            sigma = np.sqrt(np.maximum(expected, 0) / np.float32(GAIN) + np.float32(READ_NOISE**2))
+            raw = expected + sigma * rng.standard_normal((h, w), dtype=np.float32)
+        raw += self.true_bias()
+        if frame.kind != "bias" and c.cosmic_rays > 0:
+            _add_cosmic_rays(raw, self._rng(_S_COSMIC, frame.index), c.cosmic_rays * float(t) / 100.0 * h * w / 1e6)
+        np.rint(raw, out=raw)
+        np.clip(raw, 0, SATURATION, out=raw)
+        return raw.astype(np.uint16)
+
+    def header(self, frame: SimFrame) -> fits.Header:
+        """The header the frame's capture program writes (no structural cards: astropy adds those)."""
+        return _dialect_header(frame, self.config)
+
+    def frame_bytes(self, frame: SimFrame) -> bytes:
+        """The exact bytes of the file, broken or not."""
+        if frame.broken is None:
+            data, hdr = self.render(frame)
+            return _fits_bytes(data, hdr)
+        return self._broken_bytes(frame)
+
+    def _broken_bytes(self, frame: SimFrame) -> bytes:
+        stem = Path(frame.name).stem
+        h, w = self.shape
+        good = replace(frame, broken=None)
+        hdr = self.header(good)
+        if stem == "empty":
+            return b""
+        if stem == "not_fits":
+            return b"Observing log 2026-11-25\nseeing 3 px, cloud from 21:10\ndome closed at 04:55\n" * 40
+        if stem == "truncated":
+            full = _fits_bytes(self._pixels(good), hdr)
+            data_len = -(-(h * w * 2) // 2880) * 2880
+            return full[: len(full) - data_len + h * w]
+        if stem == "no_image_data":
+            return _fits_bytes(None, hdr)
+        if stem == "cube":
+            cube = np.stack([self._pixels(good)[: min(h, 512), : min(w, 512)]] * 3)
+            return _fits_bytes(cube, hdr)
+        if stem == "unknown_type":
+            for k in ("FRAME", "IMAGETYP"):
+                hdr.remove(k, ignore_missing=True)
+            hdr["IMAGETYP"] = "Mystery"
+            return _fits_bytes(self._pixels(good), hdr)
+        if stem == "missing_exposure":
+            for k in ("EXPTIME", "EXPOSURE"):
+                hdr.remove(k, ignore_missing=True)
+            return _fits_bytes(self._pixels(good), hdr)
+        if stem == "bad_exptime":
+            hdr.remove("EXPOSURE", ignore_missing=True)
+            hdr["EXPTIME"] = "abc"
+            return _fits_bytes(self._pixels(good), hdr)
+        if stem == "bad_date":
+            hdr["DATE-OBS"] = "yesterday"
+            return _fits_bytes(self._pixels(good), hdr)
+        if stem == "constant":
+            return _fits_bytes(np.full((h, w), 1000, dtype=np.uint16), hdr)
+        if stem == "nan":
+            return _fits_bytes(np.full((h, w), np.nan, dtype=np.float32), hdr)
+        raise ValueError(f"unknown broken file {frame.name!r}")
+
+    def counts(self) -> dict[str, int]:
+        """Frames per true kind among the sound files (the hostile one is a light), plus "broken"."""
+        out = {"bias": 0, "dark": 0, "flat": 0, "light": 0, "broken": 0}
+        for f in self.frames:
+            out["broken" if f.broken else f.kind] += 1
+        return out
+
+    def by_kind(self, kind: str) -> list[SimFrame]:
+        """The sound frames of one kind, in writing order."""
+        return [f for f in self.frames if f.kind == kind and f.broken is None]
+
+
+# -- stars and cosmic rays -----------------------------------------------------------------------------------
+def _add_stars(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, fluxes: np.ndarray, fwhm: float) -> None:
+    """Add Moffat stars in place, each as a small stamp sized so its cut-off edge is under 0.5 ADU."""
+    h, w = img.shape
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / _BETA) - 1.0))
+    peak = fluxes * (_BETA - 1.0) / (math.pi * alpha**2)
+    radius = np.full(xs.shape, _STAMP_RADII[-1])
+    for r in reversed(_STAMP_RADII):
+        radius[peak * (1.0 + (r / alpha) ** 2) ** (-_BETA) < 0.5] = r
+    ix = np.rint(xs).astype(np.int64)
+    iy = np.rint(ys).astype(np.int64)
+    for r in _STAMP_RADII:
+        sel = (radius == r) & (ix >= -r) & (ix <= w - 1 + r) & (iy >= -r) & (iy <= h - 1 + r) & (fluxes > 0)
+        if not sel.any():
+            continue
+        d = np.arange(-r, r + 1)
+        fx = (xs[sel] - ix[sel]).astype(np.float32)[:, None, None]
+        fy = (ys[sel] - iy[sel]).astype(np.float32)[:, None, None]
+        dd = d.astype(np.float32)
+        rr = (dd[None, None, :] - fx) ** 2 + (dd[None, :, None] - fy) ** 2
+        vals = peak[sel].astype(np.float32)[:, None, None] * (1.0 + rr / np.float32(alpha**2)) ** np.float32(-_BETA)
+        tx = np.broadcast_to(ix[sel][:, None, None] + d[None, None, :], vals.shape)
+        ty = np.broadcast_to(iy[sel][:, None, None] + d[None, :, None], vals.shape)
+        inside = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
+        np.add.at(img, (ty[inside], tx[inside]), vals[inside])
+
+
+def _add_cosmic_rays(img: np.ndarray, rng: np.random.Generator, mean_hits: float) -> None:
+    h, w = img.shape
+    n = int(rng.poisson(mean_hits))
+    for _ in range(n):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        length = int(rng.integers(1, 4))
+        dx, dy = (1, 0) if rng.random() < 0.5 else (0, 1)
+        energy = float(rng.uniform(300.0, 5000.0))
+        for k in range(length):
+            xx, yy = x + k * dx, y + k * dy
+            if xx < w and yy < h:
+                img[yy, xx] += energy / length
+
+
+# -- headers -------------------------------------------------------------------------------------------------
+def _coords(obj: str | None) -> tuple[float, float]:
+    if obj in _KNOWN_COORDS:
+        return _KNOWN_COORDS[obj]
+    rng = np.random.default_rng(_key(obj or ""))
+    return float(rng.uniform(0, 360)), float(np.degrees(np.arcsin(rng.uniform(-0.5, 1.0))))
+
+
+def _sexagesimal(value: float, hours: bool) -> str:
+    v = value / 15.0 if hours else value
+    sign = "-" if v < 0 else ("" if hours else "+")
+    v = abs(v)
+    d = int(v)
+    m = int((v - d) * 60)
+    s = (v - d - m / 60) * 3600
+    return f"{sign}{d:02d} {m:02d} {s:05.2f}"
+
+
+def _date_cards(dt: datetime, dialect: str) -> tuple[dict[str, str], datetime]:
+    """DATE-OBS (and TIME-OBS) as ``dialect`` writes them, and the instant they say."""
+    if dialect in ("sgp", "apt"):
+        dt = dt.replace(microsecond=0)
+        return {"DATE-OBS": dt.strftime("%Y-%m-%dT%H:%M:%S")}, dt
+    if dialect in ("maxim", "ekos"):
+        dt = dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+        return {"DATE-OBS": dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}"}, dt
+    if dialect == "sharpcap":
+        return {"DATE-OBS": dt.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0"}, dt
+    if dialect == "iraf":
+        dt = dt.replace(microsecond=dt.microsecond // 100000 * 100000)
+        return {
+            "DATE-OBS": dt.strftime("%Y-%m-%d"),
+            "TIME-OBS": dt.strftime("%H:%M:%S.") + str(dt.microsecond // 100000),
+        }, dt
+    return {"DATE-OBS": dt.strftime("%Y-%m-%dT%H:%M:%S.%f")}, dt
+
+
+def _dialect_header(frame: SimFrame, config: SimConfig) -> fits.Header:
+    d = frame.dialect
+    kind = frame.kind
+    word = _TYPE_WORDS[d][kind]
+    hdr = fits.Header()
+    exptime = round(float(frame.exptime), 6) if kind != "bias" else 0.0
+    dates, _ = _date_cards(frame.date_obs, d)
+    ccd_temp = round(frame.ccd_temp, 2)
+    filt = frame.filter if kind in ("flat", "light") else None
+    obj = frame.object if kind == "light" else None
+    ra, dec = _coords(obj)
+    pier = ("West" if frame.flipped else "East") if kind == "light" else None
+
+    def put(key: str, value: Any, comment: str = "") -> None:
+        if value is not None:
+            hdr[key] = (value, comment)
+
+    if d == "ekos":
+        put("IMAGETYP", "Light Frame", "Image type")
+        put("FRAME", word, "Frame Type")
+    else:
+        put("IMAGETYP", word, "Type of image")
+    if d == "apt":
+        put("EXPOSURE", exptime, "[s] Exposure duration")
+    elif d in ("maxim", "nina", "sgp", "asiair"):
+        put("EXPTIME", exptime, "[s] Exposure duration")
+        put("EXPOSURE", exptime, "[s] Exposure duration")
+    else:
+        put("EXPTIME", exptime, "Total Exposure Time (s)")
+    for k, v in dates.items():
+        put(k, v, "UTC start of exposure" if k == "DATE-OBS" else "UTC time of start of exposure")
+    if d == "nina":
+        local = frame.date_obs - timedelta(hours=6)
+        put("DATE-LOC", local.strftime("%Y-%m-%dT%H:%M:%S.%f"), "Time of observation (local)")
+    put("INSTRUME", config.camera, "Imaging instrument name")
+    put("TELESCOP", "16-inch RC" if d != "iraf" else None, "Telescope")
+    put("OBSERVAT", "Observatory" if d == "iraf" else None)
+    put("CCD-TEMP", ccd_temp, "[degC] CCD temperature")
+    if d not in ("ekos", "iraf"):
+        put("SET-TEMP", float(config.set_temp), "[degC] CCD temperature setpoint")
+    if d == "iraf":
+        put("CCDSUM", "1 1", "Binning")
+    else:
+        put("XBINNING", 1, "Binning factor in width")
+        put("YBINNING", 1, "Binning factor in height")
+    if d == "ekos":
+        put("PIXSIZE1", PIXEL_SIZE_UM, "[um] Pixel Size 1")
+        put("PIXSIZE2", PIXEL_SIZE_UM, "[um] Pixel Size 2")
+    elif d != "iraf":
+        put("XPIXSZ", PIXEL_SIZE_UM, "[um] Pixel X axis size")
+        put("YPIXSZ", PIXEL_SIZE_UM, "[um] Pixel Y axis size")
+    if d in ("nina", "ekos", "sharpcap", "asiair"):
+        put("GAIN", 0, "Sensor gain")
+        put("OFFSET", 0, "Sensor gain offset")
+    if d == "nina":
+        put("READOUTM", "Normal", "Sensor readout mode")
+    if d in ("maxim", "nina"):
+        put("EGAIN", GAIN, "[e-/ADU] Electrons per A/D unit")
+    if filt is not None:
+        put("FILTER", filt.ljust(12) if d in ("sgp", "apt") else filt, "Active filter name")
+    if obj is not None:
+        put("OBJECT", obj, "Name of the object of interest")
+        if d in ("maxim", "ekos", "sgp", "apt"):
+            put("OBJCTRA", _sexagesimal(ra, True), "[H M S] RA of imaged object")
+            put("OBJCTDEC", _sexagesimal(dec, False), "[D M S] Declination of imaged object")
+        else:
+            put("RA", round(ra, 6), "[deg] RA of telescope")
+            put("DEC", round(dec, 6), "[deg] Declination of telescope")
+        if d in ("maxim", "nina", "ekos"):
+            put("PIERSIDE", pier.upper() if d == "ekos" else pier, "Telescope pier side")
+    put("FOCALLEN", FOCAL_LENGTH_MM if d != "iraf" else None, "[mm] Focal length")
+    put("SWCREATE", _SOFTWARE[d], "Capture software")
+    return hdr
+
+
+def _fits_bytes(data: np.ndarray | None, header: fits.Header) -> bytes:
+    buf = io.BytesIO()
+    fits.PrimaryHDU(data=data, header=header).writeto(buf)
+    return buf.getvalue()
+
+
+# -- planning ------------------------------------------------------------------------------------------------
+def plan_night(config: SimConfig) -> NightPlan:
+    """Plan a night: every frame's kind, settings, time, pointing, header dialect and file name.
+
+    Parameters
+    ----------
+    config
+        What to simulate.
+
+    Returns
+    -------
+    NightPlan
+        The frames in writing order (``index`` 0..N-1) and the true camera and sky that render them.
+    """
+    c = config
+    rng = np.random.default_rng([c.seed, _S_PLAN])
+    h, w = c.shape
+    specs: list[dict[str, Any]] = []
+    specs += [{"kind": "bias", "exptime": 0.0} for _ in range(c.n_bias)]
+    for t in c.dark_exptimes:
+        specs += [{"kind": "dark", "exptime": float(t)} for _ in range(c.n_dark)]
+    for f in c.filters:
+        for _ in range(c.n_flat):
+            specs.append({"kind": "flat", "exptime": float(c.flat_exptime), "filter": f})
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    lights: list[dict[str, Any]] = []
+    for obj in c.objects:
+        mine = []
+        for _ in range(c.n_light):
+            for f in c.filters:
+                for t in c.light_exptimes:
+                    s = {"kind": "light", "exptime": float(t), "filter": f, "object": obj}
+                    mine.append(s)
+                    groups.setdefault((obj, f, float(t)), []).append(s)
+        for i, s in enumerate(mine):
+            s["flipped"] = c.meridian_flip and i >= len(mine) // 2
+        lights += mine
+    if groups and c.cloudy > 0:
+        key = max(groups, key=lambda k: (len(groups[k]), k[2]))
+        members = groups[key]
+        picks = list(range(1, len(members))) or [0]
+        for i in picks[: c.cloudy]:
+            members[i]["cloudy"] = True
+    for s in lights:
+        s["rotation"] = float(rng.uniform(-c.max_rotation, c.max_rotation))
+        s["offset"] = (
+            float(rng.uniform(-c.max_offset, c.max_offset)),
+            float(rng.uniform(-c.max_offset, c.max_offset)),
+        )
+        cloudy = s.get("cloudy", False)
+        s["fwhm"] = float(rng.uniform(3.5, 3.9) if cloudy else rng.uniform(2.7, 3.3))
+        s["transparency"] = float(rng.uniform(0.18, 0.22) if cloudy else rng.uniform(0.92, 1.0))
+        fk = _filter_key(s["filter"])
+        s["level"] = float(_SKY_RATE.get(fk, 1.0) * s["exptime"] * (3.0 if cloudy else 1.0) * rng.uniform(0.9, 1.1))
+        angle = rng.uniform(0, 2 * math.pi)
+        slope = s["level"] * rng.uniform(0.02, 0.08) / max(h, w)
+        s["sky_gradient"] = (float(slope * math.cos(angle)), float(slope * math.sin(angle)))
+    for s in specs:
+        if s["kind"] == "flat":
+            s["level"] = float(rng.uniform(20000.0, 30000.0))
+
+    if c.order == "lights-first":
+        flats = [s for s in specs if s["kind"] == "flat"]
+        darks = [s for s in specs if s["kind"] == "dark"]
+        bias = [s for s in specs if s["kind"] == "bias"]
+        sequence = lights + flats + darks + bias
+    else:
+        sequence = specs + lights
+
+    if c.broken:
+        extras = [{"broken": stem} for stem in BROKEN_FILES] + [{"hostile": True}]
+        base = {"kind": "light", "exptime": float(min(c.light_exptimes, default=30.0))}
+        base.update(filter=c.filters[0] if c.filters else "V", object=c.objects[0] if c.objects else "Field")
+        base.update(level=_SKY_RATE.get(_filter_key(base["filter"]), 1.0) * base["exptime"], fwhm=3.0)
+        step = len(sequence) / (len(extras) + 1)
+        for k, e in reversed(list(enumerate(extras))):
+            s = dict(base, **e)
+            if e.get("hostile"):
+                s.update(object=HOSTILE_OBJECT, filter=HOSTILE_FILTER)
+            sequence.insert(round((k + 1) * step), s)
+
+    start = datetime.fromisoformat(c.start)
+    if start.tzinfo is not None:
+        start = start.astimezone(UTC).replace(tzinfo=None)
+    cursor = start
+    previous_kind = None
+    for s in sequence:
+        if previous_kind is not None and s["kind"] != previous_kind:
+            cursor += timedelta(seconds=60.0)
+        s["time"] = cursor
+        cursor += timedelta(seconds=s["exptime"] + _READOUT_S + float(rng.uniform(0.0, 0.9)))
+        previous_kind = s["kind"]
+        s["ccd_temp"] = float(c.set_temp + rng.normal(0.0, 0.08))
+    if c.order == "shuffled":
+        sequence = [sequence[i] for i in rng.permutation(len(sequence))]
+
+    night = start.strftime("%Y-%m-%d")
+    frames: list[SimFrame] = []
+    n_sound = 0
+    for index, s in enumerate(sequence):
+        if "broken" in s:
+            dialect = "nina"  # broken files always speak N.I.N.A.: plain words, so only the defect is wrong
+        else:
+            dialect = DIALECTS[n_sound % len(DIALECTS)] if c.dialect == "mixed" else c.dialect
+            n_sound += 1
+        _, when = _date_cards(s["time"], dialect)
+        frames.append(
+            SimFrame(
+                name="",
+                kind=s["kind"],
+                exptime=s["exptime"],
+                filter=s.get("filter"),
+                object=s.get("object"),
+                date_obs=when,
+                dialect=dialect,
+                index=index,
+                cloudy=s.get("cloudy", False),
+                flipped=s.get("flipped", False),
+                offset=s.get("offset", (0.0, 0.0)),
+                broken=BROKEN_FILES[s["broken"]] if "broken" in s else None,
+                rotation=s.get("rotation", 0.0),
+                fwhm=s.get("fwhm", 3.0),
+                transparency=s.get("transparency", 1.0),
+                level=s.get("level", 0.0),
+                sky_gradient=s.get("sky_gradient", (0.0, 0.0)),
+                ccd_temp=s["ccd_temp"],
+            )
+        )
+        if "broken" in s:
+            frames[-1].name = f"broken/{s['broken']}.fits"
+        elif s.get("hostile"):
+            frames[-1].name = HOSTILE_NAME
+    _number(frames, c, night)
+    return NightPlan(config=c, frames=frames)
+
+
+def _number(frames: list[SimFrame], c: SimConfig, night: str) -> None:
+    """Name the frames not yet named as capture programs do: numbered per group in time order."""
+    seq: dict[tuple[Any, ...], int] = {}
+    for f in sorted((f for f in frames if not f.name), key=lambda f: (f.date_obs, f.index)):
+        group = (f.kind, f.object, f.filter, f.exptime)
+        seq[group] = seq.get(group, 0) + 1
+        n = seq[group]
+        ext = c.extension or _EXTENSIONS[f.dialect]
+        if f.kind == "bias":
+            stem, folder = f"Bias_{n:04d}", "CALIB/BIAS"
+        elif f.kind == "dark":
+            stem, folder = f"Dark_{_exp_word(f.exptime)}_{n:04d}", "CALIB/DARK"
+        elif f.kind == "flat":
+            stem, folder = f"Flat_{_slug(f.filter or 'none')}_{n:04d}", "CALIB/FLAT"
+        else:
+            obj = _slug(f.object or "object")
+            stem = f"{obj}_Light_{_slug(f.filter or 'none')}_{_exp_word(f.exptime)}_{n:04d}"
+            folder = f"{obj}/LIGHT"
+        f.name = f"{night}/{folder}/{stem}{ext}" if c.subfolders else f"{stem}{ext}"
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+def write_frame(
+    plan: NightPlan,
+    frame: SimFrame,
+    out: Path,
+    *,
+    slow: bool = False,
+    chunk_bytes: int = 65536,
+    chunk_delay: float = 0.05,
+    rename: bool = False,
+) -> Path:
+    """Write one planned frame under ``out`` as a camera would.
+
+    Parameters
+    ----------
+    plan, frame
+        The night and the frame to write. out The camera folder; ``frame.name`` is relative to it (sub-folders
+        are created). slow Write in chunks of ``chunk_bytes`` with ``chunk_delay`` seconds between them,
+        flushing each, like a slow camera or a network copy. rename Write ``<name>.tmp`` and rename it to the
+        final name when complete.
+
+    Returns
+    -------
+    Path
+        The final path.
+    """
+    payload = plan.frame_bytes(frame)
+    final = Path(out) / frame.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    target = final.with_name(final.name + ".tmp") if rename else final
+    with open(target, "wb") as fh:
+        if slow and payload:
+            step = max(1, int(chunk_bytes))
+            for start in range(0, len(payload), step):
+                if start:
+                    time.sleep(chunk_delay)
+                fh.write(payload[start : start + step])
+                fh.flush()
+        else:
+            fh.write(payload)
+    if rename:
+        os.replace(target, final)
+    return final
+
+
+def simulate_night(
+    out: Path,
+    config: SimConfig | None = None,
+    *,
+    interval: float = 0.0,
+    on_written: Callable[[SimFrame, Path], None] | None = None,
+    **write_options: Any,
+) -> NightPlan:
+    """Plan a night and write all its frames under ``out`` in plan order.
+
+    Parameters
+    ----------
+    out
+        The camera folder (created if missing).
+    config
+        The night; the default :class:`SimConfig` if None.
+    interval
+        Seconds to wait between files, for a demo that looks like a night going by.
+    on_written
+        Called with each frame and its final path once it is written (progress for a command line).
+    **write_options
+        Passed to :func:`write_frame`: ``slow``, ``chunk_bytes``, ``chunk_delay``, ``rename``.
+
+    Returns
+    -------
+    NightPlan
+        The plan that was written, with its truth.
+    """
+    plan = plan_night(config or SimConfig())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(plan.frames):
+        if i and interval > 0:
+            time.sleep(interval)
+        path = write_frame(plan, frame, out, **write_options)
+        if on_written is not None:
+            on_written(frame, path)
+    return plan

@@ -1,0 +1,275 @@
+"""Stack aligned frames: a live running mean that is always current, and a final outlier-rejecting combine.
+
+The live stack holds two arrays (a float32 sum and an int32 count per pixel), so memory does not grow with the
+number of frames and a restarted daemon resumes from a saved state. The final combine reads the aligned frames back
+from disk in bands of rows, sigma-clips every pixel's values along the frame axis (satellites, planes, cosmic
+rays) and averages what remains, within a memory budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.stats import sigma_clip
+from astropy.utils.exceptions import AstropyUserWarning
+
+from service.frame import Image
+
+__all__ = ["LiveStack", "final_combine"]
+
+#: Bytes of working memory per pixel per frame in the final combine (the band cube and sigma_clip's copies).
+_BYTES_PER_SAMPLE = 24
+#: Rows sampled per frame to measure its sky level before combining.
+_SKY_ROWS = 32
+
+
+def _exptime(header: fits.Header) -> float | None:
+    for key in ("EXPTIME", "EXPOSURE"):
+        try:
+            value = float(header[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value >= 0:
+            return value
+    return None
+
+
+def _stack_header(
+    header: fits.Header, *, n: int, exptotal: float, frames: Iterable[str], method: str
+) -> fits.Header:
+    out = header.copy()
+    out["NCOMBINE"] = (int(n), "number of frames stacked")
+    out["EXPTOTAL"] = (round(float(exptotal), 3), "[s] total exposure of the frames stacked")
+    out["COMBINE"] = (method, "how the frames were combined")
+    for name in frames:
+        out.add_history(f"stacked {name}")
+    return out
+
+
+class LiveStack:
+    """A running mean of aligned frames, updated one frame at a time.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        (rows, columns) of the reference every added frame is aligned to.
+
+    Attributes
+    ----------
+    sum : ndarray of float32
+        Sum of the good pixel values added.
+    count : ndarray of int32
+        How many good values each pixel received.
+    n : int
+        Frames added.
+    exptime_total : float
+        Summed exposure (seconds) of the frames added.
+    frames : list of str
+        Names of the frames added, in order.
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.sum = np.zeros(self.shape, dtype=np.float32)
+        self.count = np.zeros(self.shape, dtype=np.int32)
+        self.n = 0
+        self.exptime_total = 0.0
+        self.frames: list[str] = []
+
+    def add(self, image: Image, *, name: str | None = None) -> None:
+        """Add an aligned frame; masked and non-finite pixels are left out. The image is not modified.
+
+        ``name`` (default: the header's FILENAME, else ``frame N``) is listed in the stack's HISTORY.
+        """
+        data = image.data
+        if data.shape != self.shape:
+            raise ValueError(f"frame shape {data.shape} differs from the stack's {self.shape}")
+        good = np.isfinite(data)
+        if image.mask is not None:
+            good &= ~image.mask
+        np.add(self.sum, data, out=self.sum, where=good, casting="same_kind")
+        self.count += good
+        self.n += 1
+        self.exptime_total += _exptime(image.header) or 0.0
+        self.frames.append(name or str(image.header.get("FILENAME", f"frame {self.n}")))
+
+    def image(self, header: fits.Header) -> Image:
+        """The current mean, with ``header`` (the reference's) plus NCOMBINE, EXPTOTAL and the frames in HISTORY.
+
+        Pixels no frame covered are NaN and masked.
+        """
+        empty = self.count == 0
+        mean = np.full(self.shape, np.nan, dtype=np.float32)
+        np.divide(self.sum, self.count, out=mean, where=~empty)
+        out_header = _stack_header(
+            header, n=self.n, exptotal=self.exptime_total, frames=self.frames, method="mean"
+        )
+        return Image(data=mean, header=out_header, mask=empty)
+
+    def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Write the stack to ``path`` (npz), atomically, so a restarted daemon can resume it."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(
+                    f,
+                    sum=self.sum,
+                    count=self.count,
+                    n=np.int64(self.n),
+                    exptime_total=np.float64(self.exptime_total),
+                    frames=np.array(self.frames, dtype=str),
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load_state(cls, path: str | os.PathLike[str]) -> LiveStack:
+        """Read a stack written by :meth:`save_state`."""
+        with np.load(path, allow_pickle=False) as z:
+            stack = cls(z["sum"].shape)
+            stack.sum = z["sum"].astype(np.float32, copy=False)
+            stack.count = z["count"].astype(np.int32, copy=False)
+            stack.n = int(z["n"])
+            stack.exptime_total = float(z["exptime_total"])
+            stack.frames = [str(f) for f in z["frames"]]
+        return stack
+
+
+def _image_hdus(hdul: fits.HDUList) -> tuple[fits.hdu.base._BaseHDU, fits.hdu.base._BaseHDU | None]:
+    data_hdu = mask_hdu = None
+    for hdu in hdul:
+        if hdu.header.get("NAXIS", 0) != 2:
+            continue
+        if str(hdu.header.get("EXTNAME", "")).upper() == "MASK":
+            mask_hdu = hdu
+        elif data_hdu is None:
+            data_hdu = hdu
+    if data_hdu is None:
+        raise ValueError(f"{hdul.filename()}: no 2-D image")
+    return data_hdu, mask_hdu
+
+
+def _read_band(data_hdu, mask_hdu, rows: slice, out: np.ndarray) -> None:
+    """Read rows of a frame into ``out`` (float32), NaN where masked."""
+    out[...] = data_hdu.section[rows, :]
+    if mask_hdu is not None:
+        out[np.asarray(mask_hdu.section[rows, :]) != 0] = np.nan
+
+
+def _sky_level(data_hdu, mask_hdu, n_rows: int) -> float:
+    height, width = data_hdu.shape
+    rows = np.unique(np.linspace(0, height - 1, min(n_rows, height)).astype(int))
+    sample = np.empty((len(rows), width), dtype=np.float32)
+    for i, r in enumerate(rows):
+        _read_band(data_hdu, mask_hdu, slice(r, r + 1), sample[i : i + 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        level = float(np.nanmedian(sample))
+    return level if math.isfinite(level) else 0.0
+
+
+def final_combine(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    header: fits.Header,
+    sigma: float = 3.0,
+    mem_limit_bytes: int = 512 * 2**20,
+    match_background: bool = True,
+) -> Image:
+    """Combine aligned frames on disk into a sigma-clipped mean.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Aligned frames: FITS with a float32 image (primary HDU or first image extension) and optionally a
+        ``MASK`` extension (non-zero = bad). NaN pixels count as masked too.
+    header : astropy.io.fits.Header
+        The reference's header (with its WCS); the result carries it plus NCOMBINE, EXPTOTAL and the frames in
+        HISTORY.
+    sigma : float, default 3.0
+        Clipping threshold around each pixel's median, in robust standard deviations (MAD-based, so one bright
+        satellite trail among a few frames cannot hide by inflating the spread).
+    mem_limit_bytes : int, default 512 MiB
+        Working memory budget; the frames are read in bands of rows sized to fit it.
+    match_background : bool, default True
+        Shift each frame's sky to the frames' median sky before clipping, so a sky that changed through the night
+        does not look like an outlier.
+
+    Returns
+    -------
+    Image
+        float32 mean; pixels with no good value are NaN and masked.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("final_combine needs at least one frame")
+    with contextlib.ExitStack() as stack:
+        hdus = []
+        for p in paths:
+            hdul = stack.enter_context(fits.open(p, memmap=False, lazy_load_hdus=True))
+            hdus.append((*_image_hdus(hdul), hdul[0].header))
+        shape = tuple(hdus[0][0].shape)
+        for p, (data_hdu, _, _) in zip(paths, hdus, strict=True):
+            if tuple(data_hdu.shape) != shape:
+                raise ValueError(f"{p.name}: shape {tuple(data_hdu.shape)} differs from {shape}")
+        height, width = shape
+        n = len(paths)
+
+        offsets = np.zeros(n, dtype=np.float32)
+        if match_background and n > 1:
+            levels = np.array([_sky_level(d, m, _SKY_ROWS) for d, m, _ in hdus])
+            offsets = (levels - np.median(levels)).astype(np.float32)
+
+        band = max(1, min(height, int(mem_limit_bytes // (n * width * _BYTES_PER_SAMPLE))))
+        cube = np.empty((n, band, width), dtype=np.float32)
+        result = np.empty(shape, dtype=np.float32)
+        counts = np.empty(shape, dtype=np.int32)
+        for y0 in range(0, height, band):
+            y1 = min(height, y0 + band)
+            part = cube[:, : y1 - y0]
+            for i, (data_hdu, mask_hdu, _) in enumerate(hdus):
+                _read_band(data_hdu, mask_hdu, slice(y0, y1), part[i])
+                if offsets[i]:
+                    part[i] -= offsets[i]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AstropyUserWarning)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                clipped = sigma_clip(
+                    part,
+                    sigma=sigma,
+                    maxiters=5,
+                    cenfunc="median",
+                    stdfunc="mad_std",
+                    axis=0,
+                    masked=False,
+                    copy=False,
+                )
+                result[y0:y1] = np.nanmean(clipped, axis=0)
+            counts[y0:y1] = np.count_nonzero(np.isfinite(clipped), axis=0)
+            del clipped
+
+        exptotal = sum(_exptime(h) or 0.0 for _, _, h in hdus)
+    empty = counts == 0
+    result[empty] = np.nan
+    out_header = _stack_header(
+        header,
+        n=n,
+        exptotal=exptotal,
+        frames=[p.name for p in paths],
+        method=f"sigma-clipped mean ({sigma:g} MAD sigma)",
+    )
+    return Image(data=result, header=out_header, mask=empty)
