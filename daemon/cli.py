@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, ConfigError, load_config
+from service.simulate import DIALECTS
 
 __all__ = ["main"]
 
@@ -119,11 +120,7 @@ def _simulate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lights", type=int, default=4, help="lights per object, filter and exposure")
     p.add_argument("--calibrations", type=int, default=5, help="bias frames, and darks/flats per set")
     p.add_argument("--order", choices=["natural", "lights-first", "shuffled"], default="natural")
-    p.add_argument(
-        "--dialect",
-        choices=["mixed", "maxim", "nina", "ekos", "sharpcap", "sgp", "apt", "asiair"],
-        default="mixed",
-    )
+    p.add_argument("--dialect", choices=["mixed", *DIALECTS], default="mixed", help="capture program's header words")
     p.add_argument("--broken", action="store_true", help="also write one file of each broken kind")
     p.add_argument("--no-flip", action="store_true", help="no meridian flip")
     p.add_argument("--seed", type=int, default=0)

@@ -42,7 +42,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from daemon.config import parse_listen
-from service.frame import KINDS, QUARANTINE_REASONS, FrameError
+from service.frame import KINDS, QUARANTINE_REASONS
 
 __all__ = [
     "CATALOGUE",
@@ -136,7 +136,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         {"stage": STAGES},
     ),
     MetricSpec("nightshift_lights_pending", "gauge", "Lights waiting for a master they need."),
-    MetricSpec("nightshift_queue_depth", "gauge", "Settled files waiting to be processed."),
+    MetricSpec("nightshift_queue_depth", "gauge", "Files and lights waiting to be processed."),
     MetricSpec(
         "nightshift_stage_duration_seconds",
         "histogram",
@@ -146,14 +146,14 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(
         "nightshift_newest_frame_timestamp_seconds",
         "gauge",
-        "Modification time (Unix seconds) of the newest frame file ingested; 0 before the first.",
+        "When the newest frame ingested was taken (DATE-OBS, Unix seconds); 0 before the first.",
     ),
     MetricSpec(
         "nightshift_newest_frame_age_seconds",
         "gauge",
-        "Seconds since the modification time of the newest frame ingested (at scrape time); NaN before one.",
+        "Seconds since the newest frame ingested was taken, at scrape time; NaN before the first.",
     ),
-    MetricSpec("nightshift_stacks_active", "gauge", "Stacks of the current observing night."),
+    MetricSpec("nightshift_stacks_active", "gauge", "Stacks of the newest observing night in the archive."),
     MetricSpec(
         "nightshift_stack_frames",
         "gauge",
@@ -170,9 +170,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "gauge",
         "1 while processing is paused because the archive disk is low.",
     ),
-    MetricSpec(
-        "nightshift_watcher_alive", "gauge", "1 while the folder watcher is running, 0 when it is down."
-    ),
+    MetricSpec("nightshift_watcher_alive", "gauge", "1 while the folder watcher is running, 0 when it is down."),
     MetricSpec(
         "nightshift_last_scan_timestamp_seconds",
         "gauge",
@@ -290,7 +288,6 @@ class Metrics:
         self.build_info.info({"version": _package_version(), "python": platform.python_version()})
         self.newest_frame_timestamp_seconds.set_function(lambda: self._newest_frame)
         self.newest_frame_age_seconds.set_function(self._newest_frame_age)
-        self.stacks_active.set_function(lambda: len(self._stack_ids()))
         self.archive_free_bytes.set(math.nan)
 
     def _make(self, spec: MetricSpec) -> MetricWrapperBase:
@@ -309,28 +306,20 @@ class Metrics:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time one run of stage ``name`` into nightshift_stage_duration_seconds.
+        """Time one run of stage ``name`` into nightshift_stage_duration_seconds (failed runs too).
 
-        An exception counts in nightshift_stage_errors_total and propagates, unless it is a FrameError about
-        the input (any reason but ``processing_error``): a bad frame is counted by its quarantine, not as a
-        stage failure.
+        Only times: a failure is counted in ``stage_errors`` by the code that handles it, which knows whether
+        it was the stage's fault or the input's (a quarantine).
         """
         histogram = self.stage_duration_seconds.labels(stage=name)
         start = time.perf_counter()
         try:
             yield
-        except FrameError as exc:
-            if exc.reason == "processing_error":
-                self.stage_errors.labels(stage=name).inc()
-            raise
-        except BaseException:
-            self.stage_errors.labels(stage=name).inc()
-            raise
         finally:
             histogram.observe(time.perf_counter() - start)
 
     def set_newest_frame(self, timestamp: float) -> None:
-        """Record a frame's file modification time (Unix seconds); the newest one seen is kept."""
+        """Record when an ingested frame was taken (DATE-OBS as Unix seconds); the newest one is kept."""
         with self._lock:
             self._newest_frame = max(self._newest_frame, float(timestamp))
 
@@ -345,9 +334,6 @@ class Metrics:
     def new_night(self) -> None:
         """The observing night changed: forget the previous night's per-stack series."""
         self.stack_frames.clear()
-
-    def _stack_ids(self) -> list[str]:
-        return [s.labels["stack_id"] for family in self.stack_frames.collect() for s in family.samples]
 
     def watch_archive_free(self, path: str | Path) -> None:
         """Report free bytes of the file system holding ``path`` at each scrape (NaN if it cannot be read)."""

@@ -166,11 +166,16 @@ class Daemon:
             now = time.monotonic()
             if self.reload_requested:
                 watcher = self._reload(pipeline, watcher)
-            for item in watcher.poll():
-                if isinstance(item, Incomplete):
-                    pipeline.quarantine_incomplete(item.path, item.reason)
-                else:
-                    pipeline.ingest(item.path, size=item.size, mtime=item.mtime)
+                next_disk = 0.0
+            if now >= next_disk:
+                next_disk = now + DISK_PERIOD
+                self.paused = self._disk_low(root, metrics)
+            if not self.paused:  # while paused the watcher keeps its events; the raw files wait where they are
+                for item in watcher.poll():
+                    if isinstance(item, Incomplete):
+                        pipeline.quarantine_incomplete(item.path, item.reason)
+                    else:
+                        pipeline.ingest(item.path, size=item.size, mtime=item.mtime)
             if now >= next_watcher_check:
                 next_watcher_check = now + 5.0
                 metrics.watcher_alive.set(1 if watcher.alive else 0)
@@ -184,9 +189,6 @@ class Daemon:
                         watcher.start()
                     except OSError as exc:
                         log.error("cannot restart the watcher: %s", exc)
-            if now >= next_disk:
-                next_disk = now + DISK_PERIOD
-                self.paused = self._disk_low(root, metrics)
             did = False
             if not self.paused:
                 did = pipeline.work()
@@ -208,5 +210,7 @@ class Daemon:
                 )
             if until is not None and not did and watcher.pending == 0 and until(pipeline):
                 break
-            if not did:
-                watcher.wait(5.0 if self.paused else 1.0)
+            if self.paused:
+                self.stop_event.wait(DISK_PERIOD)  # not watcher.wait: its unread events would wake it at once
+            elif not did:
+                watcher.wait(1.0)

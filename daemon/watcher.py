@@ -114,9 +114,11 @@ class WatchOptions:
         if self.quiet_seconds < 0 or self.poll_interval <= 0 or self.rescan_interval < 0:
             raise ValueError("quiet_seconds and rescan_interval must be >= 0, poll_interval > 0")
         if self.incomplete_timeout <= self.quiet_seconds:
-            raise ValueError(
-                f"incomplete_timeout ({self.incomplete_timeout:g} s) must be longer than quiet_seconds "
-                f"({self.quiet_seconds:g} s)"
+            log.warning(
+                "incomplete_timeout (%g s) is not longer than quiet_seconds (%g s): every file will be reported "
+                "incomplete",
+                self.incomplete_timeout,
+                self.quiet_seconds,
             )
 
 
@@ -342,7 +344,11 @@ class FolderWatcher:
         observer = self._observer
         if observer is None or not observer.is_alive():
             return False
-        return all(e.is_alive() for e in list(observer.emitters))
+        try:
+            emitters = tuple(observer.emitters)
+        except RuntimeError:  # the observer changed its set while we copied it: ask again next time
+            return True
+        return all(e.is_alive() for e in emitters)
 
     @property
     def pending(self) -> int:
@@ -390,7 +396,7 @@ class FolderWatcher:
         seen: set[str] = set()
         complete = all([self._scan_tree(root, now, seen=seen) for root in self._roots])
         if complete:  # forget what was offered and has since disappeared
-            pass
+            self._offered = {p: s for p, s in self._offered.items() if p in seen}
         self.last_scan = time.time()
         if self.options.rescan_interval > 0:
             self._next_rescan = self._clock() + self.options.rescan_interval
@@ -411,9 +417,7 @@ class FolderWatcher:
 
     def _dir_wanted(self, path: str) -> bool:
         rel = self._relative(path)
-        return rel is not None and not any(
-            fnmatchcase(part.lower(), g) for part in rel.parts for g in self._exclude
-        )
+        return rel is not None and not any(fnmatchcase(part.lower(), g) for part in rel.parts for g in self._exclude)
 
     def _next_due(self) -> float | None:
         dues = [c.next_check for c in self._candidates.values()]
@@ -442,7 +446,7 @@ class FolderWatcher:
         if cand is None:
             if self._offered.get(path) == sig:
                 return  # a late event about what was already offered
-            if self._known is not None and self._known(path, st.st_size, st.st_mtime):
+            if self._is_known(path, st):
                 self._offered.pop(path, None)
                 return
             self._candidates[path] = _Candidate(
@@ -450,6 +454,15 @@ class FolderWatcher:
             )
         elif changed or sig != cand.signature:
             self._changed(cand, sig, now)
+
+    def _is_known(self, path: str, st: os.stat_result) -> bool:
+        if self._known is None:
+            return False
+        try:
+            return bool(self._known(path, st.st_size, st.st_mtime))
+        except Exception:  # the archive could not say: offer it, ingest decides
+            log.exception("known(%r) failed; treating the file as new", path)
+            return False
 
     def _changed(self, cand: _Candidate, sig: _Signature, now: float) -> None:
         cand.signature = sig
@@ -531,5 +544,5 @@ class FolderWatcher:
     def _give_up(self, path: str, sig: _Signature, reason: str) -> Incomplete:
         del self._candidates[path]
         self._offered[path] = sig
-        log.warning("%s: %s", path, reason)
+        log.info("%s: %s", path, reason)
         return Incomplete(path=Path(path), reason=reason)

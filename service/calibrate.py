@@ -94,8 +94,7 @@ def dark_scale(light_exptime: float, dark: Image) -> float:
         return 1.0
     if not is_bias_subtracted(dark):
         raise CalibrationError(
-            f"refusing to scale a {dark_exptime:g} s {_kind(dark)} that still contains the bias "
-            f"to {light_exptime:g} s"
+            f"refusing to scale a {dark_exptime:g} s {_kind(dark)} that still contains the bias to {light_exptime:g} s"
         )
     return light_exptime / dark_exptime
 
@@ -115,8 +114,7 @@ def check_dark_bias(bias: Image | None, dark: Image | None) -> None:
         raise CalibrationError(f"bias-subtracted {_kind(dark)} needs the master bias")
     if not is_bias_subtracted(dark) and bias is not None:
         raise CalibrationError(
-            f"the {_kind(dark)} still contains the bias; subtracting the master bias as well "
-            "would remove it twice"
+            f"the {_kind(dark)} still contains the bias; subtracting the master bias as well would remove it twice"
         )
 
 
@@ -187,6 +185,86 @@ def _filters_differ(light: Image, flat: Image) -> bool:
     return str(a).strip().lower() != str(b).strip().lower()
 
 
+def _clean_cosmic_rays(
+    work: np.ndarray, header: fits.Header, saturation: float | None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """L.A.Cosmic (ccdproc/astroscrappy) with a noise model fitted to this frame.
+
+    The gain is EGAIN (e-/ADU, else 1). The read noise is not the camera's: after calibration the
+    background noise also holds the masters' noise, so it is set so the model's noise at the sky level
+    equals the measured (MAD) background scatter.
+    """
+    from astropy.stats import mad_std
+    from ccdproc import cosmicray_lacosmic
+
+    gain = header.get("EGAIN")
+    gain = float(gain) if isinstance(gain, (int, float)) and 0 < gain < 1000 else 1.0
+    sample = work[:: max(1, work.shape[0] // 512), :: max(1, work.shape[1] // 512)]
+    sky = max(float(np.median(sample)), 0.0)
+    scatter = float(mad_std(sample))
+    readnoise = math.sqrt(max((scatter * gain) ** 2 - sky * gain, 1.0))
+    cleaned, hits = cosmicray_lacosmic(
+        work,
+        gain=gain,
+        readnoise=readnoise,
+        gain_apply=False,
+        satlevel=saturation if saturation is not None else 1e30,
+    )
+    note = (
+        f"cosmic rays cleaned (L.A.Cosmic, gain {gain:g} e-/ADU, noise model {readnoise:.3g} e-): "
+        f"{int(hits.sum())} pixels"
+    )
+    return np.asarray(cleaned, dtype=np.float32), np.asarray(hits, dtype=bool), note
+
+
+def _dark_factor(light: Image, dark: Image, dark_factor: float | None) -> float:
+    """The given factor, checked, or :func:`dark_scale` from the light's exposure."""
+    if dark_factor is None:
+        exptime = exposure_of(light.header)
+        if exptime is None:
+            raise CalibrationError("the light has no EXPTIME/EXPOSURE to scale the dark to")
+        return dark_scale(exptime, dark)
+    if not math.isclose(dark_factor, 1.0) and not is_bias_subtracted(dark):
+        raise CalibrationError(
+            f"refusing to scale a {exposure_of(dark.header) or 0:g} s {_kind(dark)} that still contains "
+            f"the bias by {dark_factor:g}"
+        )
+    return float(dark_factor)
+
+
+def _subtract_overscan(
+    work: np.ndarray, overscan: str, light_header: fits.Header, bias: Image | None, header: fits.Header
+) -> str:
+    """Subtract the overscan level from ``work`` in place (relative to the bias's own); return the step line."""
+    text = _section_text(overscan, light_header, "overscan")
+    rows, cols = parse_section(text, work.shape)
+    level, how = _overscan_level(work, rows, cols)
+    note = f"overscan {text} subtracted ({how})"
+    if bias is not None:
+        if bias.data.shape != work.shape:
+            raise CalibrationError("overscan subtraction needs the master bias untrimmed, with its overscan")
+        level = level - _overscan_level(bias.data, rows, cols)[0]
+        note += ", relative to the master bias's own overscan"
+    work -= level
+    header["OVERSCAN"] = (text, "overscan region subtracted")
+    return note
+
+
+def _trim_region(
+    trim: str, light_header: fits.Header, shape: tuple[int, int], header: fits.Header
+) -> tuple[tuple[slice, slice], str]:
+    """The region to keep; shifts CRPIX and drops the raw frame's sections in ``header``."""
+    text = _section_text(trim, light_header, "trim")
+    region = parse_section(text, shape)
+    for key, offset in (("CRPIX1", region[1].start), ("CRPIX2", region[0].start)):
+        if isinstance(header.get(key), (int, float)):
+            header[key] = header[key] - offset
+    for key in ("TRIMSEC", "BIASSEC", "DATASEC"):
+        header.remove(key, ignore_missing=True)
+    header["TRIM"] = (text, "region of the raw frame kept")
+    return region, f"trimmed to {text}"
+
+
 @logged
 def calibrate(
     light: Image,
@@ -210,7 +288,8 @@ def calibrate(
         The raw light (float32 pixels as read). Never modified.
     bias, dark, flat : Image, optional
         Masters; None skips the step. Masters of the raw frame's shape are trimmed like the light; masters
-        already of the trimmed shape are used as they are.
+        already of the trimmed shape are used as they are. Where the flat is <= MIN_FLAT or not finite the
+        pixel is left undivided and flagged.
     dark_factor : float, optional
         Multiplier of the dark; None computes it with :func:`dark_scale` from the light's EXPTIME/EXPOSURE.
     mask : numpy.ndarray of bool, optional
@@ -241,6 +320,13 @@ def calibrate(
         A combination of masters that would give a wrong result (see :func:`dark_scale`,
         :func:`check_dark_bias`), a flat of another filter, mismatched shapes, bad sections.
     """
+    check_dark_bias(bias, dark)
+    if dark is not None:
+        dark_factor = _dark_factor(light, dark, dark_factor)
+    if flat is not None and _filters_differ(light, flat):
+        raise CalibrationError(
+            f"flat is for filter {flat.header.get('FILTER')!r}, the light for {light.header.get('FILTER')!r}"
+        )
     header = light.header.copy()
     for key in ("BZERO", "BSCALE", "BLANK"):
         header.remove(key, ignore_missing=True, remove_all=True)
@@ -248,59 +334,19 @@ def calibrate(
     steps: list[str] = []
     calstat = ""
 
-    check_dark_bias(bias, dark)
-    if dark is not None and dark_factor is None:
-        exptime = exposure_of(light.header)
-        if exptime is None:
-            raise CalibrationError("the light has no EXPTIME/EXPOSURE to scale the dark to")
-        dark_factor = dark_scale(exptime, dark)
-    elif dark is not None and not math.isclose(dark_factor, 1.0) and not is_bias_subtracted(dark):
-        raise CalibrationError(
-            f"refusing to scale a {exposure_of(dark.header) or 0:g} s {_kind(dark)} that still contains "
-            f"the bias by {dark_factor:g}"
-        )
-    if flat is not None and _filters_differ(light, flat):
-        raise CalibrationError(
-            f"flat is for filter {flat.header.get('FILTER')!r}, the light for {light.header.get('FILTER')!r}"
-        )
-
     work = np.array(light.data, dtype=np.float32, copy=True)
     flags = np.zeros(raw_shape, dtype=bool)
     if saturation is not None:
         np.greater_equal(light.data, saturation, out=flags)
         if flags.any():
             steps.append(f"{int(flags.sum())} pixels at or above saturation {saturation:g} flagged")
-
     if overscan is not None:
-        text = _section_text(overscan, light.header, "overscan")
-        rows, cols = parse_section(text, raw_shape)
-        level, how = _overscan_level(work, rows, cols)
-        note = f"overscan {text} subtracted ({how})"
-        if bias is not None:
-            if bias.data.shape != raw_shape:
-                raise CalibrationError(
-                    "overscan subtraction needs the master bias untrimmed, with its overscan"
-                )
-            level = level - _overscan_level(bias.data, rows, cols)[0]
-            note += ", relative to the master bias's own overscan"
-        work -= level
-        steps.append(note)
-        header["OVERSCAN"] = (text, "overscan region subtracted")
-
+        steps.append(_subtract_overscan(work, overscan, light.header, bias, header))
     region = None
     if trim is not None:
-        text = _section_text(trim, light.header, "trim")
-        region = parse_section(text, raw_shape)
-        work = work[region]
-        flags = flags[region]
-        y0, x0 = region[0].start, region[1].start
-        for key, offset in (("CRPIX1", x0), ("CRPIX2", y0)):
-            if isinstance(header.get(key), (int, float)):
-                header[key] = header[key] - offset
-        for key in ("TRIMSEC", "BIASSEC", "DATASEC"):
-            header.remove(key, ignore_missing=True)
-        header["TRIM"] = (text, "region of the raw frame kept")
-        steps.append(f"trimmed to {text}")
+        region, note = _trim_region(trim, light.header, raw_shape, header)
+        work, flags = work[region], flags[region]
+        steps.append(note)
 
     if bias is not None:
         work -= _view(bias.data, raw_shape, region, "master bias")
@@ -319,32 +365,20 @@ def calibrate(
         flat_view = _view(flat.data, raw_shape, region, "master flat")
         usable = flat_view > MIN_FLAT  # False for NaN too
         np.divide(work, flat_view, out=work, where=usable)
-        np.logical_not(usable, out=usable)
-        flags |= usable
+        unusable = np.logical_not(usable, out=usable)
+        flags |= unusable
         calstat += "F"
-        steps.append(
-            f"divided by flat ({_summary(flat)}); {int(usable.sum())} pixels with flat <= {MIN_FLAT:g}"
-        )
+        steps.append(f"divided by flat ({_summary(flat)}); {int(unusable.sum())} pixels left, flat <= {MIN_FLAT:g}")
 
-    carried = [(mask, "mask")]
-    carried += [
-        (m.mask, f"{m.header.get('IMAGETYP', 'master')} mask") for m in (bias, dark, flat) if m is not None
-    ]
+    carried = [(mask, "given")]
+    carried += [(m.mask, str(m.header.get("IMAGETYP", "master"))) for m in (bias, dark, flat) if m is not None]
     for given, what in carried:
         if given is not None:
-            flags |= _view(np.asarray(given, dtype=bool), raw_shape, region, what)
-
+            flags |= _view(np.asarray(given, dtype=bool), raw_shape, region, f"{what} mask")
     if cosmic_rays:
-        from ccdproc import cosmicray_lacosmic
-
-        gain = light.header.get("EGAIN")
-        gain = float(gain) if isinstance(gain, (int, float)) and 0 < gain < 1000 else 1.0
-        cleaned, hits = cosmicray_lacosmic(
-            work, gain=gain, gain_apply=False, satlevel=saturation if saturation is not None else 1e30
-        )
-        work = np.asarray(cleaned, dtype=np.float32)
+        work, hits, note = _clean_cosmic_rays(work, light.header, saturation)
         flags |= hits
-        steps.append(f"cosmic rays cleaned (L.A.Cosmic, gain {gain:g}): {int(hits.sum())} pixels")
+        steps.append(note)
 
     if calstat:
         header["CALSTAT"] = (calstat, "calibration applied: B bias, D dark, F flat")

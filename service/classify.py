@@ -129,9 +129,7 @@ class ClassifyOptions:
         self.overrides = [tuple(item) for item in self.overrides]  # type: ignore[misc]
         for item in self.overrides:
             if len(item) != 2 or item[1] not in KINDS:
-                raise ValueError(
-                    f"override {item!r} must be (glob, kind) with kind one of {', '.join(KINDS)}"
-                )
+                raise ValueError(f"override {item!r} must be (glob, kind) with kind one of {', '.join(KINDS)}")
 
 
 def _value(header, key: str) -> Any:

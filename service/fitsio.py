@@ -423,9 +423,7 @@ def read_pixels(path: Path, info: HduInfo, header: fits.Header) -> np.ndarray:
     except OSError as exc:
         raise _unreadable(path, exc) from exc
     if raw.size < count:
-        raise FrameError(
-            "truncated", f"HDU {info.index} should hold {count} pixels but the file has only {raw.size}"
-        )
+        raise FrameError("truncated", f"HDU {info.index} should hold {count} pixels but the file has only {raw.size}")
     raw = raw.reshape(shape)
     bzero = _float_key(header, "BZERO", 0.0)
     bscale = _float_key(header, "BSCALE", 1.0)

@@ -92,9 +92,7 @@ def inspect_frame(path: Path, *, options: ClassifyOptions, sha256: str | None = 
     except MemoryError as exc:
         raise FrameError("processing_error", f"not enough memory to inspect {path.name}") from exc
     except Exception as exc:
-        raise FrameError(
-            "processing_error", f"inspecting {path.name} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise FrameError("processing_error", f"inspecting {path.name} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _inspect(path: Path, options: ClassifyOptions, sha256: str | None) -> FrameMeta:
@@ -109,12 +107,8 @@ def _inspect(path: Path, options: ClassifyOptions, sha256: str | None) -> FrameM
     header = read_header(path, info, infos)
     st = os.stat(path)
     digest = sha256 if sha256 is not None else sha256_file(path)
-    meta = normalise(
-        header, path=str(path), sha256=digest, size_bytes=st.st_size, options=options, mtime=st.st_mtime
-    )
+    meta = normalise(header, path=str(path), sha256=digest, size_bytes=st.st_size, options=options, mtime=st.st_mtime)
     meta.naxis1, meta.naxis2 = width, height
     stats = check_pixels(read_pixels(path, info, header))
-    meta.extra.update(
-        hdu=info.index, pixel_min=stats["min"], pixel_max=stats["max"], nonfinite=int(stats["nonfinite"])
-    )
+    meta.extra.update(hdu=info.index, pixel_min=stats["min"], pixel_max=stats["max"], nonfinite=int(stats["nonfinite"]))
     return meta

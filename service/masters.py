@@ -95,10 +95,14 @@ def _common_exposure(paths: Sequence[Path], headers: Sequence[fits.Header], what
             raise CalibrationError(f"{Path(path).name}: a {what} without EXPTIME/EXPOSURE")
         times.append(exptime)
     if not all(math.isclose(t, times[0], rel_tol=_EXPTIME_RTOL, abs_tol=_EXPTIME_ATOL) for t in times):
-        raise CalibrationError(
-            f"{what} set mixes exposure times {sorted(set(times))}: one master per exposure"
-        )
+        raise CalibrationError(f"{what} set mixes exposure times {sorted(set(times))}: one master per exposure")
     return times[0]
+
+
+def _headers(paths: Sequence[Path | str]) -> list[fits.Header]:
+    if not paths:
+        raise ValueError("a master needs at least one input frame")
+    return [read_header(p) for p in paths]
 
 
 def _check_shape(master: Image | None, headers: Sequence[fits.Header], what: str) -> None:
@@ -116,20 +120,17 @@ def _master(
     stats: dict,
     inputs_note: Sequence[str],
     steps: Sequence[str],
-    *,
-    keys: Sequence[str] = (),
-    biassub: bool = False,
-    darksub: bool = False,
+    cards: dict[str, tuple],
 ) -> Image:
-    """Assemble a master's Image: header from the first input's matching keys, the stats, inputs and steps."""
+    """A master's Image: IMAGETYP, the first input's matching keys, ``cards``, means, stats, inputs, steps."""
     first = headers[0]
     header = fits.Header()
     header["IMAGETYP"] = (f"MASTER {kind.upper()}", "nightshift master calibration frame")
-    for key in (*MATCH_KEYS, *keys):
-        if key in first and key not in header:
+    for key in (*MATCH_KEYS, *(["FILTER"] if kind == "flat" else [])):
+        if key in first:
             header[key] = (first[key], first.comments[key])
-    if "EXPTIME" in keys and "EXPTIME" not in header and exposure_of(first) is not None:
-        header["EXPTIME"] = (exposure_of(first), "[s] exposure time of the inputs")
+    for key, card in cards.items():
+        header[key] = card
     temp = _mean_number(headers, "CCD-TEMP")
     if temp is not None:
         header["CCD-TEMP"] = (round(temp, 4), "[C] mean sensor temperature of the inputs")
@@ -138,15 +139,22 @@ def _master(
         header["DATE-OBS"] = (date, "mean start time of the inputs (UTC)")
     header["NCOMBINE"] = (stats["n"], "number of frames combined")
     header["COMBMETH"] = (stats["method"], "how the frames were combined")
-    header["BIASSUB"] = (biassub, "master bias subtracted from the inputs")
-    header["DARKSUB"] = (darksub, "dark subtracted from the inputs")
     for note in inputs_note:
         add_history(header, "NSINPUT", note)
     for step in steps:
         add_history(header, "NSSTEP", step)
-    rejected = stats.get("rejected_fraction", 0.0)
-    add_history(header, "NSSTEP", f"combined {stats['n']} frames: {stats['method']}, {rejected:.4%} rejected")
     return Image(data=data, header=header)
+
+
+def _combined(stats: dict) -> str:
+    return f"combined {stats['n']} frames: {stats['method']}, {stats['rejected_fraction']:.4%} rejected"
+
+
+def _subtracted(biassub: bool, darksub: bool) -> dict[str, tuple]:
+    return {
+        "BIASSUB": (biassub, "master bias subtracted from the inputs"),
+        "DARKSUB": (darksub, "dark subtracted from the inputs"),
+    }
 
 
 @logged
@@ -175,9 +183,9 @@ def make_master_bias(
     Image
         float32, IMAGETYP 'MASTER BIAS', BIASSUB = F.
     """
-    headers = [read_header(p) for p in paths]
+    headers = _headers(paths)
     data, stats = combine_files(paths, method="average", sigma=sigma, mem_limit_bytes=mem_limit_bytes)
-    return _master("bias", data, headers, stats, inputs_note, ())
+    return _master("bias", data, headers, stats, inputs_note, [_combined(stats)], _subtracted(False, False))
 
 
 def _make_dark_like(
@@ -189,21 +197,17 @@ def _make_dark_like(
     inputs_note: Sequence[str],
     mem_limit_bytes: int,
 ) -> Image:
-    headers = [read_header(p) for p in paths]
+    headers = _headers(paths)
     exptime = _common_exposure(list(paths), headers, kind)
     _check_shape(bias, headers, "master bias")
     subtract = [(bias.data, 1.0)] if bias is not None else []
-    data, stats = combine_files(
-        paths, method=method, sigma=sigma, subtract=subtract, mem_limit_bytes=mem_limit_bytes
-    )
+    data, stats = combine_files(paths, method=method, sigma=sigma, subtract=subtract, mem_limit_bytes=mem_limit_bytes)
     steps = []
     if bias is not None:
         steps.append(f"master bias subtracted from each input ({bias.header.get('NCOMBINE', '?')} frames)")
-    master = _master(
-        kind, data, headers, stats, inputs_note, steps, keys=("EXPTIME",), biassub=bias is not None
-    )
-    master.header["EXPTIME"] = (exptime, "[s] exposure time of the inputs")
-    return master
+    steps.append(_combined(stats))
+    cards = {"EXPTIME": (exptime, "[s] exposure time of the inputs"), **_subtracted(bias is not None, False)}
+    return _master(kind, data, headers, stats, inputs_note, steps, cards)
 
 
 @logged
@@ -291,9 +295,7 @@ def _flat_terms(
         for path, header in zip(paths, headers, strict=True):
             exptime = exposure_of(header)
             if exptime is None:
-                raise CalibrationError(
-                    f"{Path(path).name}: a flat without EXPTIME/EXPOSURE cannot take a dark"
-                )
+                raise CalibrationError(f"{Path(path).name}: a flat without EXPTIME/EXPOSURE cannot take a dark")
             factors.append(dark_scale(exptime, dark))
         terms.append((dark.data, factors))
         kind = str(dark.header.get("IMAGETYP", "MASTER DARK")).lower()
@@ -352,7 +354,7 @@ def make_master_flat(
         Flats of different filters; masters that do not fit (see :func:`service.calibrate.dark_scale` and
         :func:`service.calibrate.check_dark_bias`).
     """
-    headers = [read_header(p) for p in paths]
+    headers = _headers(paths)
     filters = {str(h.get("FILTER", "")).strip().lower() for h in headers}
     if len(filters) > 1:
         raise CalibrationError(f"flat set mixes filters {sorted(filters)}: one master per filter")
@@ -362,17 +364,18 @@ def make_master_flat(
     )
     levels = stats["medians"]
     steps.append(f"each flat scaled by 1/its median (levels {min(levels):.6g} to {max(levels):.6g})")
+    steps.append(_combined(stats))
     norm = float(np.median(data))
     if not math.isfinite(norm) or norm <= 0:
         raise CalibrationError(f"combined flat has median {norm:g}; cannot normalise")
     data /= np.float32(norm)
-    steps_after = f"normalised by its median {norm:.6g}"
-    master = _master("flat", data, headers, stats, inputs_note, steps, keys=("FILTER",), biassub=biassub)
-    master.header["DARKSUB"] = (darksub, "dark subtracted from the inputs")
-    master.header["FLATNORM"] = ("median", "master divided by its median: median = 1")
-    master.header["FLATLVL"] = (float(np.median(levels)), "median level of the inputs (ADU)")
-    add_history(master.header, "NSSTEP", steps_after)
-    return master
+    steps.append(f"normalised by its median {norm:.6g}")
+    cards = {
+        **_subtracted(biassub, darksub),
+        "FLATNORM": ("median", "master divided by its median: median = 1"),
+        "FLATLVL": (float(np.median(levels)), "[ADU] median level of the inputs"),
+    }
+    return _master("flat", data, headers, stats, inputs_note, steps, cards)
 
 
 def bad_pixel_mask(

@@ -155,7 +155,8 @@ def observing_night(when: datetime, *, longitude: float | None = None, timezone:
     when : datetime
         The instant; naive means UTC.
     longitude : float, optional
-        Site longitude in degrees, east positive: local mean solar time is used when no ``timezone`` is given.
+        Site longitude in degrees, east positive (0..360 accepted too): local mean solar time is used when
+        no ``timezone`` is given.
     timezone : str, optional
         IANA zone name (``"America/Santiago"``); wins over ``longitude``. With neither, UTC is the local time.
 
@@ -171,7 +172,8 @@ def observing_night(when: datetime, *, longitude: float | None = None, timezone:
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown timezone {timezone!r}") from exc
     elif longitude is not None:
-        local = utc.replace(tzinfo=None) + timedelta(hours=float(longitude) / 15.0)
+        east = (float(longitude) + 180.0) % 360.0 - 180.0  # 289.3 and -70.7 are the same meridian
+        local = utc.replace(tzinfo=None) + timedelta(hours=east / 15.0)
     else:
         local = utc.replace(tzinfo=None)
     return (local - timedelta(hours=12)).date().isoformat()

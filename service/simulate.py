@@ -551,20 +551,26 @@ def _add_stars(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, fluxes: np.ndarr
         radius[peak * (1.0 + (r / alpha) ** 2) ** (-_BETA) < 0.5] = r
     ix = np.rint(xs).astype(np.int64)
     iy = np.rint(ys).astype(np.int64)
+    flat = img.reshape(-1)  # a view of the C-contiguous image: adding to it adds to img
     for r in _STAMP_RADII:
-        sel = (radius == r) & (ix >= -r) & (ix <= w - 1 + r) & (iy >= -r) & (iy <= h - 1 + r) & (fluxes > 0)
-        if not sel.any():
-            continue
-        d = np.arange(-r, r + 1)
-        fx = (xs[sel] - ix[sel]).astype(np.float32)[:, None, None]
-        fy = (ys[sel] - iy[sel]).astype(np.float32)[:, None, None]
-        dd = d.astype(np.float32)
-        rr = (dd[None, None, :] - fx) ** 2 + (dd[None, :, None] - fy) ** 2
-        vals = peak[sel].astype(np.float32)[:, None, None] * (1.0 + rr / np.float32(alpha**2)) ** np.float32(-_BETA)
-        tx = np.broadcast_to(ix[sel][:, None, None] + d[None, None, :], vals.shape)
-        ty = np.broadcast_to(iy[sel][:, None, None] + d[None, :, None], vals.shape)
-        inside = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
-        np.add.at(img, (ty[inside], tx[inside]), vals[inside])
+        near = (ix >= -r) & (ix <= w - 1 + r) & (iy >= -r) & (iy <= h - 1 + r) & (fluxes > 0) & (radius == r)
+        whole = (ix >= r) & (ix < w - r) & (iy >= r) & (iy < h - r)
+        for inside_only, part in ((True, near & whole), (False, near & ~whole)):
+            if not part.any():
+                continue
+            d = np.arange(-r, r + 1)
+            dd = d.astype(np.float32)
+            fx = (xs[part] - ix[part]).astype(np.float32)[:, None, None]
+            fy = (ys[part] - iy[part]).astype(np.float32)[:, None, None]
+            u = np.float32(1.0) + ((dd[None, None, :] - fx) ** 2 + (dd[None, :, None] - fy) ** 2) / np.float32(alpha**2)
+            vals = peak[part].astype(np.float32)[:, None, None] * u ** np.float32(-_BETA)
+            tx = np.broadcast_to(ix[part][:, None, None] + d[None, None, :], vals.shape)
+            ty = np.broadcast_to(iy[part][:, None, None] + d[None, :, None], vals.shape)
+            if inside_only:  # stamps wholly in the frame need no per-pixel mask
+                np.add.at(flat, (ty * w + tx).reshape(-1), vals.reshape(-1))
+            else:
+                keep = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
+                np.add.at(flat, (ty * w + tx)[keep], vals[keep])
 
 
 def _add_cosmic_rays(img: np.ndarray, rng: np.random.Generator, mean_hits: float) -> None:

@@ -271,9 +271,7 @@ def test_missing_date_uses_the_file_time(tmp_path):
     path = tmp_path / "f.fits"
     path.write_bytes(b"x")
     os.utime(path, (1718420400, 1718420400))  # 2024-06-15T03:00:00 UTC
-    meta = normalise(
-        frame_header(DATE_OBS=None), path=str(path), sha256="x", size_bytes=1, options=ClassifyOptions()
-    )
+    meta = normalise(frame_header(DATE_OBS=None), path=str(path), sha256="x", size_bytes=1, options=ClassifyOptions())
     assert meta.date_obs == "2024-06-15T03:00:00.000000"
     assert meta.night == "2024-06-14"
     assert meta.extra["date_source"] == "mtime"

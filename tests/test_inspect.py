@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from service import simulate
 from service.classify import ClassifyOptions
 from service.frame import QUARANTINE_REASONS, FrameError
 from service.inspect import inspect_frame
@@ -215,7 +216,6 @@ def test_hostile_header_values_are_kept_as_text(tmp_path):
 
 
 def test_simulated_night_every_file_gets_its_truth(tmp_path):
-    simulate = pytest.importorskip("service.simulate")
     config = simulate.SimConfig(size=96, broken=True, n_bias=2, n_dark=2, n_flat=2, n_light=2, dialect="mixed")
     plan = simulate.simulate_night(tmp_path, config)
     broken = [f for f in plan.frames if f.broken]

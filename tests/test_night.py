@@ -103,6 +103,7 @@ def test_night_east_of_greenwich():
 def test_night_by_longitude_and_timezone_wins():
     when = datetime(2024, 6, 15, 13, 0)
     assert observing_night(when, longitude=-70.7) == "2024-06-14"  # local mean time 08:17
+    assert observing_night(when, longitude=289.3) == "2024-06-14"  # the same meridian counted 0..360
     assert observing_night(when, longitude=151.2) == "2024-06-15"  # local mean time 23:05
     assert observing_night(when, longitude=151.2, timezone="America/Santiago") == "2024-06-14"
 

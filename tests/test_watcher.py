@@ -333,6 +333,20 @@ def test_wait_wakes_on_an_event(tmp_path, started):
     assert watcher.pending == 1
 
 
+@pytest.mark.parametrize("polling", MODES)
+def test_alive_turns_false_when_the_watched_folder_goes(tmp_path, started, polling):
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    watcher = started(WatchOptions(paths=[camera], quiet_seconds=QUIET, poll_interval=0.1, polling=polling))
+    assert watcher.alive
+    camera.rmdir()  # an unmounted share or a deleted folder: the daemon must be able to tell
+    end = time.monotonic() + 30
+    while watcher.alive:
+        assert time.monotonic() < end, "the watcher still claims to be alive"
+        watcher.wait(0.1)
+        watcher.poll()
+
+
 def test_stop_and_missing_folder(tmp_path):
     watcher = FolderWatcher(options(tmp_path))
     assert not watcher.alive

@@ -1,0 +1,257 @@
+"""The whole pipeline on simulated nights, through ``reduce_folders`` (what ``nightshift reduce`` runs), against
+a real SQLite archive: statuses and reasons, master choice, order independence, idempotence, the library of
+earlier nights, rebuilt masters, duplicates and hostile header values."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from daemon.archive import GOOD_STATUSES, Archive
+from daemon.batch import reduce_folders, reprocess
+from daemon.pipeline import Pipeline
+from service.simulate import BROKEN_FILES, SimConfig, plan_night, simulate_night, write_frame
+from tests.conftest import make_config, reduce_night
+
+
+def _lights(archive: Archive) -> list[dict]:
+    return archive.query("SELECT * FROM frames WHERE kind = 'light' ORDER BY id")
+
+
+def test_every_file_recorded_once_with_its_true_kind(night, reduced: Archive) -> None:
+    plan, camera = night
+    rows = {Path(r["path"]).relative_to(camera).as_posix(): r for r in reduced.query("SELECT * FROM frames")}
+    assert len(rows) == len(plan.frames)
+    for f in plan.frames:
+        row = rows[f.name]
+        if f.broken:
+            assert row["status"] == "quarantined", f.name
+            assert row["reason"].startswith(f.broken + ":"), (f.name, row["reason"])
+        else:
+            assert row["kind"] == f.kind, f.name
+
+
+def test_every_row_not_in_a_good_state_has_a_reason(reduced: Archive) -> None:
+    bad = reduced.query(
+        f"SELECT path, status FROM frames WHERE status NOT IN ({','.join('?' * len(GOOD_STATUSES))}) "
+        "AND (reason IS NULL OR reason = '')",
+        list(GOOD_STATUSES),
+    )
+    assert bad == []
+
+
+def test_quarantine_notes_are_written_and_raw_files_untouched(night, reduced: Archive) -> None:
+    plan, camera = night
+    notes = list((reduced.root / "quarantine").rglob("*.json"))
+    assert len(notes) == sum(1 for f in plan.frames if f.broken) == len(BROKEN_FILES)
+    for f in plan.frames:
+        assert (camera / f.name).exists(), f"raw file {f.name} was moved or deleted"
+
+
+def test_masters_built_for_every_set(reduced: Archive) -> None:
+    masters = reduced.query("SELECT kind, filter, exptime, n_frames, bias_subtracted FROM masters ORDER BY id")
+    kinds = sorted((m["kind"], m["filter"], m["exptime"]) for m in masters)
+    assert kinds == [("bias", None, 0.0), ("dark", None, 30.0), ("dark", None, 300.0), ("flat", "B", 2.0),
+                     ("flat", "V", 2.0)]
+    assert all(m["n_frames"] == 5 for m in masters)
+    assert all(m["bias_subtracted"] for m in masters if m["kind"] != "bias")
+    for m in reduced.query("SELECT * FROM masters"):
+        header = fits.getheader(reduced.root / m["path"])
+        assert header["NCOMBINE"] == 5
+        links = reduced.scalar("SELECT COUNT(*) FROM master_frames WHERE master_id = ?", [m["id"]])
+        assert links == 5
+
+
+def test_lights_calibrated_with_the_right_masters(reduced: Archive) -> None:
+    lights = [r for r in _lights(reduced) if r["calibrated_path"]]
+    assert len(lights) >= 16
+    for r in lights:
+        flat = reduced.one("SELECT * FROM masters WHERE id = ?", [r["flat_id"]])
+        dark = reduced.one("SELECT * FROM masters WHERE id = ?", [r["dark_id"]])
+        assert flat["filter"] == r["filter"]
+        assert dark["exptime"] == r["exptime"] and r["dark_scale"] == 1.0
+        assert r["bias_id"] is not None
+        assert "flat: master flat" in r["calibration_note"]
+        data = fits.getdata(reduced.root / r["calibrated_path"])
+        assert data.dtype.kind == "f" and data.dtype.itemsize == 4
+        header = fits.getheader(reduced.root / r["calibrated_path"])
+        history = "\n".join(str(h) for h in header.get("HISTORY", []))
+        assert flat["sha256"][:16] in history, "calibrated header names the flat's checksum"
+
+
+def test_cloudy_frame_rejected_and_good_frames_stacked(night, reduced: Archive) -> None:
+    plan, camera = night
+    cloudy = [f for f in plan.frames if f.cloudy]
+    assert len(cloudy) == 1
+    row = reduced.frame_by_path(str(camera / cloudy[0].name))
+    assert row["status"] == "rejected" and row["reason"].startswith("cloudy"), row["reason"]
+    good = [f for f in plan.frames if f.kind == "light" and not f.cloudy and not f.broken and f.object == "NGC 6939"]
+    statuses = {reduced.frame_by_path(str(camera / f.name))["status"] for f in good}
+    assert statuses == {"stacked"}
+    stacks = reduced.query("SELECT * FROM stacks ORDER BY filter, exptime")
+    assert [(s["filter"], s["exptime"]) for s in stacks] == [("B", 30), ("B", 300), ("V", 30), ("V", 300)]
+    for s in stacks:
+        n = reduced.scalar("SELECT COUNT(*) FROM stack_frames WHERE stack_id = ?", [s["id"]])
+        assert n == s["n_frames"]
+        header = fits.getheader(reduced.root / s["path"])
+        assert header["NCOMBINE"] == n and header["EXPTOTAL"] == n * s["exptime"]
+        assert s["state"] == "final"
+        assert (reduced.root / s["preview_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hostile_header_values_stay_inside_the_archive(night, reduced: Archive) -> None:
+    _plan, camera = night
+    row = reduced.frame_by_path(str(camera / "odd" / "hostile.fits"))
+    assert row["object"] == "../../etc/passwd"
+    assert row["status"] == "pending" and "no flat for filter B/V" in row["reason"]
+    root = reduced.root.resolve()
+    for path in root.rglob("*"):
+        assert path.resolve().is_relative_to(root)
+    assert not (root.parent / "etc").exists()
+
+
+def test_products_safe_names_for_path_traversal(tmp_path: Path) -> None:
+    """An OBJECT/FILTER of ``../../etc``, slashes, NUL or 1000 characters never writes outside the archive."""
+    from daemon.products import Layout
+
+    layout = Layout(tmp_path / "archive")
+    for obj in ("../../etc", "a/b/../../..", "x\x00y", "é" * 1000, "/etc/passwd", ".."):
+        frame = {"id": 1, "path": "/cam/../x.fits", "night": "2026-11-25", "object": obj, "filter": obj}
+        for path in (layout.calibrated(frame), layout.stack("2026-11-25", obj, obj, 30.0), layout.frame_preview(frame)):
+            assert path.resolve().is_relative_to((tmp_path / "archive").resolve()), path
+            assert len(path.name) < 255
+
+
+def test_reduce_twice_changes_nothing(night, tmp_path: Path) -> None:
+    _plan, camera = night
+    archive = reduce_night(camera, tmp_path / "archive")
+    before = archive.query("SELECT id, path, status, calibrated_path, sha256 FROM frames ORDER BY id")
+    masters = archive.query("SELECT id, path, version FROM masters ORDER BY id")
+    files = sorted(p.relative_to(archive.root) for p in archive.root.rglob("*.fits"))
+    reduce_folders(Pipeline(make_config(camera, tmp_path / "archive"), archive), [camera], show_progress=False)
+    assert archive.query("SELECT id, path, status, calibrated_path, sha256 FROM frames ORDER BY id") == before
+    assert archive.query("SELECT id, path, version FROM masters ORDER BY id") == masters
+    assert sorted(p.relative_to(archive.root) for p in archive.root.rglob("*.fits")) == files
+    assert not list(archive.root.rglob(".*.tmp"))
+    archive.close()
+
+
+def test_lights_first_night_ends_fully_calibrated(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    simulate_night(camera, SimConfig(size=384, n_light=3, order="lights-first", cloudy=0, dialect="nina"))
+    archive = reduce_night(camera, tmp_path / "archive")
+    lights = _lights(archive)
+    assert lights and {r["status"] for r in lights} == {"stacked"}, {(r["status"], r["reason"]) for r in lights}
+    for r in lights:
+        assert archive.one("SELECT filter FROM masters WHERE id = ?", [r["flat_id"]])["filter"] == r["filter"]
+        assert archive.one("SELECT exptime FROM masters WHERE id = ?", [r["dark_id"]])["exptime"] == r["exptime"]
+    archive.close()
+
+
+def test_scaled_dark_when_no_dark_of_the_light_exposure(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    simulate_night(camera, SimConfig(size=384, n_light=2, light_exptimes=(60.0,), dark_exptimes=(30.0, 300.0),
+                                     cloudy=0, meridian_flip=False))
+    archive = reduce_night(camera, tmp_path / "archive")
+    for r in _lights(archive):
+        dark = archive.one("SELECT * FROM masters WHERE id = ?", [r["dark_id"]])
+        assert dark["exptime"] == 300.0 and dark["bias_subtracted"] == 1, "closest longer bias-subtracted dark"
+        assert abs(r["dark_scale"] - 60.0 / 300.0) < 1e-9
+        assert "scaled by 0.2" in r["calibration_note"]
+    archive.close()
+
+
+def test_library_masters_from_an_earlier_night(tmp_path: Path) -> None:
+    """A night with no flats of its own uses the most recent matching flats within their age, and says so."""
+    cam1, cam2 = tmp_path / "night1", tmp_path / "night2"
+    simulate_night(cam1, SimConfig(size=384, n_light=2, cloudy=0, start="2026-11-20T19:00:00"))
+    plan2 = plan_night(SimConfig(size=384, n_light=2, cloudy=0, start="2026-11-25T19:00:00"))
+    for f in plan2.frames:
+        if f.kind != "flat":
+            write_frame(plan2, f, cam2)
+    archive = reduce_night(cam1, tmp_path / "archive")
+    reduce_folders(Pipeline(make_config(cam2, tmp_path / "archive"), archive), [cam2], show_progress=False)
+    lights2 = archive.query("SELECT * FROM frames WHERE kind = 'light' AND night = '2026-11-25'")
+    assert lights2
+    for r in lights2:
+        flat = archive.one("SELECT * FROM masters WHERE id = ?", [r["flat_id"]])
+        assert flat["night"] == "2026-11-20"
+        assert "from the library: night 2026-11-20" in r["calibration_note"]
+    archive.close()
+
+
+def test_flats_older_than_their_age_are_not_used(tmp_path: Path) -> None:
+    cam1, cam2 = tmp_path / "night1", tmp_path / "night2"
+    simulate_night(cam1, SimConfig(size=256, n_light=1, cloudy=0, start="2026-09-01T19:00:00"))
+    plan2 = plan_night(SimConfig(size=256, n_light=1, cloudy=0, start="2026-11-25T19:00:00"))
+    for f in plan2.frames:
+        if f.kind != "flat":
+            write_frame(plan2, f, cam2)
+    archive = reduce_night(cam1, tmp_path / "archive")
+    reduce_folders(Pipeline(make_config(cam2, tmp_path / "archive"), archive), [cam2], show_progress=False)
+    lights2 = archive.query("SELECT * FROM frames WHERE kind = 'light' AND night = '2026-11-25'")
+    assert lights2 and all(r["status"] == "pending" and "no flat" in r["reason"] for r in lights2)
+    assert all("(night ended)" in r["reason"] for r in lights2)
+    archive.close()
+
+
+def test_more_frames_later_rebuild_the_master_as_a_new_version(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    plan = plan_night(SimConfig(size=256, n_bias=6, n_dark=3, n_flat=3, n_light=1, cloudy=0))
+    biases = plan.by_kind("bias")
+    for f in biases[:3]:
+        write_frame(plan, f, camera)
+    archive = reduce_night(camera, tmp_path / "archive")
+    v1 = archive.one("SELECT * FROM masters WHERE kind = 'bias'")
+    assert v1["n_frames"] == 3 and v1["version"] == 1
+    for f in biases[3:]:
+        write_frame(plan, f, camera)
+    reduce_folders(Pipeline(make_config(camera, tmp_path / "archive"), archive), [camera], show_progress=False)
+    rows = archive.query("SELECT * FROM masters WHERE kind = 'bias' ORDER BY version")
+    assert [(r["version"], r["n_frames"]) for r in rows] == [(1, 3), (2, 6)]
+    assert rows[0]["superseded_by"] == rows[1]["id"] and rows[1]["superseded_by"] is None
+    assert (archive.root / rows[0]["path"]).exists() and (archive.root / rows[1]["path"]).exists()
+    archive.close()
+
+
+def test_same_content_under_another_name_is_a_duplicate(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    plan = plan_night(SimConfig(size=256, n_bias=3, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(),
+                                light_exptimes=(), filters=()))
+    first = write_frame(plan, plan.frames[0], camera)
+    shutil.copy(first, camera / "copy_of_bias.fits")
+    archive = reduce_night(camera, tmp_path / "archive")
+    dup = archive.frame_by_path(str(camera / "copy_of_bias.fits"))
+    orig = archive.frame_by_path(str(first))
+    assert dup["status"] == "duplicate" and dup["duplicate_of"] == orig["id"]
+    assert str(first) in dup["reason"]
+    assert orig["status"] in GOOD_STATUSES
+    archive.close()
+
+
+def test_reprocess_recalibrates_with_the_current_best_masters(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    plan = plan_night(SimConfig(size=384, n_light=2, cloudy=0, meridian_flip=False, filters=("V",),
+                                light_exptimes=(30.0,), dark_exptimes=(30.0,)))
+    for f in plan.frames:
+        write_frame(plan, f, camera)
+    archive = reduce_night(camera, tmp_path / "archive")
+    old_flat = {r["flat_id"] for r in _lights(archive)}
+    # more flats arrive after the night was reduced: a new flat master version, then reprocess
+    more = plan_night(SimConfig(size=384, n_flat=3, n_bias=0, n_dark=0, n_light=0, filters=("V",),
+                                light_exptimes=(), dark_exptimes=(), seed=7, start="2026-11-25T19:00:00"))
+    for f in more.frames:
+        write_frame(more, f, camera / "more")
+    pipe = Pipeline(make_config(camera, tmp_path / "archive"), archive)
+    reduce_folders(pipe, [camera], show_progress=False)
+    newest = archive.scalar("SELECT id FROM masters WHERE kind = 'flat' AND superseded_by IS NULL")
+    assert newest not in old_flat
+    n = reprocess(pipe, night="2026-11-25", show_progress=False)
+    assert n == 2
+    lights = _lights(archive)
+    assert {r["flat_id"] for r in lights} == {newest}
+    assert {r["status"] for r in lights} == {"stacked"}
+    archive.close()

@@ -1,0 +1,132 @@
+"""Alignment: meridian flips and rotations against the simulator's true star positions, and the warp."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from scipy.spatial import cKDTree
+
+from service.frame import Image
+from service.register import AlignError, Transform, apply_transform, find_transform
+from service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
+from service.stars import StarList, detect_stars
+
+SIZE = 512
+
+
+def _calibrated(plan, frame) -> Image:
+    """A perfectly calibrated light: the simulator's true signal plus its shot and read noise."""
+    signal = plan.truth_signal(frame)
+    rng = np.random.default_rng([11, frame.index, abs(int(frame.rotation * 1000))])
+    sigma = np.sqrt(np.maximum(signal, 0) / GAIN + READ_NOISE**2)
+    data = (signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)).astype(np.float32)
+    header = fits.Header({"EXPTIME": frame.exptime, "CRPIX1": 256.0, "CRVAL1": 10.0, "CTYPE1": "RA---TAN"})
+    return Image(data=data, header=header)
+
+
+@pytest.fixture(scope="module")
+def night():
+    """Four lights of one group, the last two after a meridian flip; stars detected once per frame."""
+    plan = plan_night(SimConfig(size=SIZE, n_light=4, filters=("V",), light_exptimes=(300.0,), cloudy=0))
+    frames = plan.by_kind("light")
+    assert [f.flipped for f in frames] == [False, False, True, True]
+    images = [_calibrated(plan, f) for f in frames]
+    stars = [detect_stars(im.data) for im in images]
+    return plan, frames, images, stars
+
+
+def _truth_error(plan, frame, reference, transform: Transform) -> float:
+    """RMS distance (px) between the frame's true star positions mapped by ``transform`` and the reference's."""
+    src, ref = plan.star_positions(frame), plan.star_positions(reference)
+    inside = np.all((ref >= 0) & (ref <= SIZE - 1), axis=1)
+    mapped = transform.apply(src[inside])
+    return float(np.sqrt(np.mean(np.sum((mapped - ref[inside]) ** 2, axis=1))))
+
+
+def test_meridian_flipped_frames_land_within_a_tenth_of_a_pixel(night):
+    plan, frames, _, stars = night
+    for i in (2, 3):
+        t = find_transform(stars[i], stars[0])
+        assert abs(abs(t.rotation_deg) - 180.0) < 1.0
+        assert t.scale == pytest.approx(1.0, abs=1e-3)
+        assert t.n_matches >= 20
+        assert t.rms < 0.3
+        assert _truth_error(plan, frames[i], frames[0], t) < 0.1
+
+
+def test_unflipped_frame_aligns_and_reference_is_identity(night):
+    plan, frames, _, stars = night
+    t = find_transform(stars[1], stars[0])
+    assert abs(t.rotation_deg) < 1.0
+    assert _truth_error(plan, frames[1], frames[0], t) < 0.1
+    same = find_transform(stars[0], stars[0])
+    assert np.allclose(same.matrix, np.eye(3), atol=1e-9) and same.rms < 1e-9
+
+
+@pytest.mark.parametrize("rotation", [2.5, -4.0])
+def test_small_rotation_is_recovered(night, rotation):
+    plan, frames, _, stars = night
+    turned = replace(frames[1], rotation=rotation, offset=(7.3, -5.1))
+    t = find_transform(detect_stars(_calibrated(plan, turned).data), stars[0])
+    # the simulator rotates the sky into the frame; the transform takes the frame back onto the reference
+    assert t.rotation_deg == pytest.approx(frames[0].rotation - rotation, abs=0.05)
+    assert _truth_error(plan, turned, frames[0], t) < 0.1
+
+
+def test_warped_frame_puts_its_stars_on_the_reference(night):
+    _, _, images, stars = night
+    t = find_transform(stars[2], stars[0])
+    aligned = apply_transform(images[2], t, images[0].data.shape)
+    assert aligned.data.dtype == np.float32 and aligned.data.shape == (SIZE, SIZE)
+    found = detect_stars(aligned.data, mask=aligned.mask)
+    dist, _ = cKDTree(stars[0].xy(100)).query(found.xy(100))
+    assert np.median(dist) < 0.1
+    assert aligned.header["ALIGNN"] == t.n_matches
+    assert aligned.header["ALIGNROT"] == pytest.approx(t.rotation_deg, abs=1e-3)
+    assert "CRPIX1" not in aligned.header and "CTYPE1" not in aligned.header  # its own WCS no longer applies
+    assert aligned.header["EXPTIME"] == 300.0
+
+
+def test_warp_masks_out_of_field_and_bad_pixels_and_leaves_input_alone():
+    rng = np.random.default_rng(5)
+    data = rng.normal(100, 5, (64, 80)).astype(np.float32)
+    mask = np.zeros(data.shape, dtype=bool)
+    mask[30, 40] = True
+    image = Image(data, fits.Header(), mask)
+    before, mask_before = data.copy(), mask.copy()
+    shift = np.array([[1.0, 0.0, 5.0], [0.0, 1.0, -3.0], [0.0, 0.0, 1.0]])  # +5 px in x, -3 px in y
+    out = apply_transform(image, Transform(shift, 0.0, 10, 0.0), (64, 80))
+    assert np.array_equal(data, before) and np.array_equal(mask, mask_before)
+    assert out.mask[:, :5].all() and out.mask[61:, :].all()  # uncovered strips
+    assert np.isnan(out.data[out.mask]).all() and np.isfinite(out.data[~out.mask]).all()
+    assert out.mask[27, 45] and not out.mask[27, 47]  # the bad pixel moved with the frame
+    assert out.data[10, 10] == pytest.approx(data[13, 5])  # integer shift: values carried exactly
+    assert out.mask.sum() == 5 * 64 + 3 * 80 - 5 * 3 + 1
+
+
+def test_too_few_stars_raise_align_error(night):
+    _, _, _, stars = night
+    two = StarList(stars[1].x[:2], stars[1].y[:2], stars[1].flux[:2], stars[1].fwhm[:2], stars[1].elongation[:2], 0, 1)
+    with pytest.raises(AlignError, match="too few stars") as info:
+        find_transform(two, stars[0])
+    assert "2 in frame" in info.value.reason
+    four = StarList(
+        stars[1].x[:4], stars[1].y[:4], stars[1].flux[:4], stars[1].fwhm[:4], stars[1].elongation[:4], 0, 1
+    )
+    with pytest.raises(AlignError):
+        find_transform(four, stars[0])
+
+
+def test_empty_sky_and_a_foreign_field_raise_align_error(night):
+    _, _, _, stars = night
+    blank = detect_stars(np.random.default_rng(2).normal(100, 10, (SIZE, SIZE)).astype(np.float32))
+    with pytest.raises(AlignError):
+        find_transform(blank, stars[0])
+    other = plan_night(SimConfig(size=SIZE, n_light=1, filters=("V",), light_exptimes=(300.0,), objects=("M 42",)))
+    foreign = detect_stars(_calibrated(other, other.by_kind("light")[0]).data)
+    with pytest.raises(AlignError) as info:
+        find_transform(foreign, stars[0])
+    assert info.value.reason
