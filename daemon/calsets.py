@@ -20,7 +20,13 @@ from daemon.archive import now_iso
 from daemon.choose import find_master
 from service.fitsio import sha256_file, write_fits_atomic
 from service.frame import Image
-from service.masters import bad_pixel_mask, make_master_bias, make_master_dark, make_master_flat
+from service.masters import (
+    bad_pixel_mask,
+    make_master_bias,
+    make_master_dark,
+    make_master_darkflat,
+    make_master_flat,
+)
 from service.safepath import safe_component
 
 if TYPE_CHECKING:
@@ -184,7 +190,8 @@ def build_master(p: Pipeline, s: CalSet, why: str, *, end_of_night: bool = False
             img = make_master_bias(paths, inputs_note=inputs, sigma=cfg.sigma, mem_limit_bytes=mem)
             method = f"sigclip-average {cfg.sigma:g}"
         elif s.kind in ("dark", "darkflat"):
-            img = make_master_dark(
+            maker = make_master_dark if s.kind == "dark" else make_master_darkflat
+            img = maker(
                 paths,
                 bias=bias_img,
                 method=cfg.dark_method,
@@ -210,7 +217,7 @@ def build_master(p: Pipeline, s: CalSet, why: str, *, end_of_night: bool = False
             img.mask = bad_pixel_mask(flat=img, low=cfg.flat_low, high=cfg.flat_high)
         version = 1 + (p.archive.scalar("SELECT MAX(version) FROM masters WHERE set_key = ?", [s.key]) or 0)
         path = p.layout.master(s.kind, s.slug, first["night"], version)
-        img.header["NSVERSN"] = (version, "nightshift master version for this set")
+        img.header["MASTERV"] = (version, "nightshift master version for this calibration set")
         write_fits_atomic(path, img)
     sha = sha256_file(path)
     dates = sorted(f["date_obs"] for f in s.frames)

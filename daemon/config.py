@@ -232,6 +232,12 @@ def _validate(cfg: Config) -> None:
     ):
         if getattr(w, key) < 0:
             raise _expect(f"[watch] {key}", "a number >= 0", getattr(w, key))
+    if w.incomplete_timeout_seconds <= w.quiet_seconds:
+        raise _expect(
+            "[watch] incomplete_timeout_seconds",
+            f"more than quiet_seconds ({w.quiet_seconds:g})",
+            w.incomplete_timeout_seconds,
+        )
     if w.poll_interval_seconds <= 0:
         raise _expect("[watch] poll_interval_seconds", "a number > 0", w.poll_interval_seconds)
     if cfg.archive.min_free_mb < 0:

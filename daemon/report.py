@@ -418,7 +418,7 @@ def _masters(d: dict[str, Any]) -> str:
                 sup,
                 _e(m["method"]),
                 _e(m["note"]),
-                _e(m["night"]),
+                f'<span class="nowrap">{_e(m["night"])}</span>',
                 str(d["used"].get(m["id"], 0)),
             ]
         )
@@ -470,11 +470,9 @@ def _lights(d: dict[str, Any]) -> str:
             f"#{f['id']}",
             _clock(f["date_obs"]),
             _name(f),
-            _e(f["object"]),
-            _e(f["filter"]),
-            _exp(f["exptime"]),
+            f"{_e(f['object'])}<br>{_e(f['filter'])} &middot; {_exp(f['exptime'])}",
             _status(f["status"]),
-            _e(f["reason"]),
+            f'<span class="reason">{_e(f["reason"])}</span>',
             _num(f["fwhm"]),
             _e(f["n_stars"]),
             _num(f["background"], ".1f"),
@@ -483,8 +481,8 @@ def _lights(d: dict[str, Any]) -> str:
         ]
         for f in d["lights"]
     ]
-    headers = ["id", "time", "file", "object", "filter", "exp", "status", "reason", "FWHM px", "stars"]
-    headers += ["background ADU", "transparency", "masters used"]
+    headers = ["id", "time", "file", "object, filter, exp", "status", "reason", "FWHM px", "stars"]
+    headers += ['<abbr title="background, ADU">bkg</abbr>', '<abbr title="transparency">transp.</abbr>', "masters used"]
     return _section("lights", "Lights", _table(headers, rows, cls="lights"))
 
 
@@ -536,7 +534,7 @@ def _quarantined(d: dict[str, Any]) -> str:
                 f'<span class="path">{_e(f["path"])}</span>',
                 f"<code>{_e(code)}</code>",
                 f'<span class="reason">{_e(message or code)}</span>',
-                _e(f["night"] or "no night"),
+                f'<span class="nowrap">{_e(f["night"] or "no night")}</span>',
             ]
         )
     if not rows:
@@ -612,7 +610,7 @@ section{background:#fff;border:1px solid #dde2e8;border-radius:6px;padding:12px 
 h2{margin:4px 0 10px;font-size:19px}
 h3{margin:14px 0 6px;font-size:15px}
 table{border-collapse:collapse;font-size:13px;width:100%}
-th,td{border-bottom:1px solid #e6e9ee;padding:4px 8px;text-align:left;vertical-align:top}
+th,td{border-bottom:1px solid #e6e9ee;padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#f0f2f5;font-weight:600}
 table.counts{width:auto}
 table.counts td:not(:first-child),table.counts th:not(:first-child){text-align:right}
@@ -624,8 +622,10 @@ dd{margin:0}
 .capped{background:#fff4d6;border:1px solid #e8c66a;border-radius:4px;padding:6px 10px}
 .reason{color:#8a1c14}
 .note{font-size:12px;color:#4a5563}
-table.lights td:last-child{min-width:280px}
-table.lights td:nth-child(3){overflow-wrap:anywhere}
+table.lights td:last-child{min-width:260px}
+table.lights{font-size:12.5px}
+table.lights td:nth-child(3){overflow-wrap:break-word}
+.nowrap{white-space:nowrap}
 .scroll{overflow-x:auto}
 .ids{font-weight:600;white-space:nowrap}
 .path{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}

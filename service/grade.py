@@ -219,10 +219,7 @@ def judge(
         and math.isfinite(grade.fwhm)
         and grade.fwhm > rules.max_fwhm_ratio * group_fwhm_median
     ):
-        return (
-            f"blurred: FWHM {grade.fwhm:.2f} px > {rules.max_fwhm_ratio:g} x group median "
-            f"{group_fwhm_median:.2f} px"
-        )
+        return f"blurred: FWHM {grade.fwhm:.2f} px > {rules.max_fwhm_ratio:g} x group median {group_fwhm_median:.2f} px"
     return None
 
 

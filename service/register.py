@@ -105,9 +105,7 @@ def find_transform(
         Too few stars, no matching star pattern, an implausible scale, or too few matches.
     """
     if len(source) < 3 or len(reference) < 3:
-        raise AlignError(
-            f"too few stars to align: {len(source)} in frame, {len(reference)} in reference (need 3)"
-        )
+        raise AlignError(f"too few stars to align: {len(source)} in frame, {len(reference)} in reference (need 3)")
     src_ctrl, ref_ctrl = source.xy(max_stars), reference.xy(max_stars)
     try:
         first, _ = astroalign.find_transform(src_ctrl, ref_ctrl, max_control_points=max_stars)
@@ -160,9 +158,7 @@ def _rms(values: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(values)))) if len(values) else math.nan
 
 
-def _match(
-    src_xy: np.ndarray, ref_tree: cKDTree, matrix: np.ndarray, radius: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _match(src_xy: np.ndarray, ref_tree: cKDTree, matrix: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Mutual nearest-neighbour pairs within ``radius`` after mapping the source with ``matrix``."""
     dist, idx = ref_tree.query(_apply(matrix, src_xy), distance_upper_bound=radius)
     found = np.flatnonzero(np.isfinite(dist))

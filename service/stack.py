@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import sigma_clip
+from astropy.stats import mad_std, sigma_clip
 from astropy.utils.exceptions import AstropyUserWarning
 
 from service.frame import Image
@@ -42,9 +42,7 @@ def _exptime(header: fits.Header) -> float | None:
     return None
 
 
-def _stack_header(
-    header: fits.Header, *, n: int, exptotal: float, frames: Iterable[str], method: str
-) -> fits.Header:
+def _stack_header(header: fits.Header, *, n: int, exptotal: float, frames: Iterable[str], method: str) -> fits.Header:
     out = header.copy()
     out["NCOMBINE"] = (int(n), "number of frames stacked")
     out["EXPTOTAL"] = (round(float(exptotal), 3), "[s] total exposure of the frames stacked")
@@ -109,9 +107,7 @@ class LiveStack:
         empty = self.count == 0
         mean = np.full(self.shape, np.nan, dtype=np.float32)
         np.divide(self.sum, self.count, out=mean, where=~empty)
-        out_header = _stack_header(
-            header, n=self.n, exptotal=self.exptime_total, frames=self.frames, method="mean"
-        )
+        out_header = _stack_header(header, n=self.n, exptotal=self.exptime_total, frames=self.frames, method="mean")
         return Image(data=mean, header=out_header, mask=empty)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
@@ -170,7 +166,8 @@ def _read_band(data_hdu, mask_hdu, rows: slice, out: np.ndarray) -> None:
         out[np.asarray(mask_hdu.section[rows, :]) != 0] = np.nan
 
 
-def _sky_level(data_hdu, mask_hdu, n_rows: int) -> float:
+def _sky_stats(data_hdu, mask_hdu, n_rows: int) -> tuple[float, float]:
+    """Sky level and pixel noise of a frame, from a few rows spread over it."""
     height, width = data_hdu.shape
     rows = np.unique(np.linspace(0, height - 1, min(n_rows, height)).astype(int))
     sample = np.empty((len(rows), width), dtype=np.float32)
@@ -179,7 +176,23 @@ def _sky_level(data_hdu, mask_hdu, n_rows: int) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         level = float(np.nanmedian(sample))
-    return level if math.isfinite(level) else 0.0
+        # differences of pixels two apart: free of gradients and of the resampling's neighbour correlation
+        noise = float(mad_std(sample[:, 2:] - sample[:, :-2], ignore_nan=True)) / math.sqrt(2.0)
+    return (level if math.isfinite(level) else 0.0), (noise if math.isfinite(noise) else 0.0)
+
+
+def _clip_spread(floor: float):
+    """Robust spread of each pixel's values across frames (MAD-based), never below the frames' sky noise.
+
+    With a handful of frames the MAD of each pixel is itself noisy; where it comes out low, clipping at a few
+    of it would throw away good values and the stack would be noisier than it need be.
+    """
+    floor32 = np.float32(floor)
+
+    def spread(data: np.ndarray, axis: int | None = None) -> np.ndarray:
+        return np.maximum(mad_std(data, axis=axis, ignore_nan=True), floor32)
+
+    return spread
 
 
 def final_combine(
@@ -201,8 +214,9 @@ def final_combine(
         The reference's header (with its WCS); the result carries it plus NCOMBINE, EXPTOTAL and the frames in
         HISTORY.
     sigma : float, default 3.0
-        Clipping threshold around each pixel's median, in robust standard deviations (MAD-based, so one bright
-        satellite trail among a few frames cannot hide by inflating the spread).
+        Clipping threshold around each pixel's median, in robust standard deviations: MAD-based, so one bright
+        satellite trail among a few frames cannot hide by inflating the spread, and never below the frames'
+        sky noise, so few frames do not clip good values.
     mem_limit_bytes : int, default 512 MiB
         Working memory budget; the frames are read in bands of rows sized to fit it.
     match_background : bool, default True
@@ -229,9 +243,10 @@ def final_combine(
         height, width = shape
         n = len(paths)
 
+        stats = np.array([_sky_stats(d, m, _SKY_ROWS) for d, m, _ in hdus])
+        levels, noise_floor = stats[:, 0], float(np.median(stats[:, 1]))
         offsets = np.zeros(n, dtype=np.float32)
-        if match_background and n > 1:
-            levels = np.array([_sky_level(d, m, _SKY_ROWS) for d, m, _ in hdus])
+        if match_background:
             offsets = (levels - np.median(levels)).astype(np.float32)
 
         band = max(1, min(height, int(mem_limit_bytes // (n * width * _BYTES_PER_SAMPLE))))
@@ -253,7 +268,7 @@ def final_combine(
                     sigma=sigma,
                     maxiters=5,
                     cenfunc="median",
-                    stdfunc="mad_std",
+                    stdfunc=_clip_spread(noise_floor),
                     axis=0,
                     masked=False,
                     copy=False,
@@ -270,6 +285,6 @@ def final_combine(
         n=n,
         exptotal=exptotal,
         frames=[p.name for p in paths],
-        method=f"sigma-clipped mean ({sigma:g} MAD sigma)",
+        method=f"sigma-clipped mean ({sigma:g} sigma)",
     )
     return Image(data=result, header=out_header, mask=empty)

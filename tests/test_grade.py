@@ -34,9 +34,9 @@ def _gaussian_field(
     img = np.full((size, size), sky, dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     for (x0, y0), f in zip(xy, flux, strict=True):
-        img += (f / (2 * np.pi * sx * sy) * np.exp(-((xx - x0) ** 2 / (2 * sx**2) + (yy - y0) ** 2 / (2 * sy**2)))).astype(
-            np.float32
-        )
+        img += (
+            f / (2 * np.pi * sx * sy) * np.exp(-((xx - x0) ** 2 / (2 * sx**2) + (yy - y0) ** 2 / (2 * sy**2)))
+        ).astype(np.float32)
     img += rng.normal(0, noise, img.shape).astype(np.float32)
     return img, xy, flux
 

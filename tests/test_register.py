@@ -113,9 +113,7 @@ def test_too_few_stars_raise_align_error(night):
     with pytest.raises(AlignError, match="too few stars") as info:
         find_transform(two, stars[0])
     assert "2 in frame" in info.value.reason
-    four = StarList(
-        stars[1].x[:4], stars[1].y[:4], stars[1].flux[:4], stars[1].fwhm[:4], stars[1].elongation[:4], 0, 1
-    )
+    four = StarList(stars[1].x[:4], stars[1].y[:4], stars[1].flux[:4], stars[1].fwhm[:4], stars[1].elongation[:4], 0, 1)
     with pytest.raises(AlignError):
         find_transform(four, stars[0])
 
