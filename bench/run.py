@@ -737,6 +737,12 @@ def run_phase(name: str, work: Path) -> dict[str, Any]:
 
 
 def _child(name: str, work: Path) -> int:
+    import warnings
+
+    from astropy.wcs import FITSFixedWarning
+
+    # CCDData.read notes for every raw that it set MJD-OBS from DATE-OBS: a line per file on stderr, no news
+    warnings.simplefilter("ignore", FITSFixedWarning)
     params = _read_json(work / "params.json")
     result = _PHASE_FUNCTIONS[name](work, params)
     _write_json(work / f"result-{name}.json", result)

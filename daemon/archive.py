@@ -201,12 +201,8 @@ class Archive:
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not (self.root / DB_NAME).exists():
-            raise FileNotFoundError(
-                f"no archive at {self.root} (no {DB_NAME}); run the daemon or reduce first"
-            )
-        conn = sqlite3.connect(
-            self.root / DB_NAME, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
+            raise FileNotFoundError(f"no archive at {self.root} (no {DB_NAME}); run the daemon or reduce first")
+        conn = sqlite3.connect(self.root / DB_NAME, timeout=30.0, isolation_level=None, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")

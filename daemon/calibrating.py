@@ -81,9 +81,7 @@ def calibrate_light(p: Pipeline, frame: dict[str, Any], *, end_of_night: bool = 
         dark = p.masters.get(choice.dark) if choice.dark else None
         flat = p.masters.get(choice.flat) if choice.flat else None
         provenance = [
-            f"{m['kind']}: {m['path']} sha256:{m['sha256'][:16]}"
-            for m in (choice.bias, choice.dark, choice.flat)
-            if m
+            f"{m['kind']}: {m['path']} sha256:{m['sha256'][:16]}" for m in (choice.bias, choice.dark, choice.flat) if m
         ]
         try:
             out = calibrate(

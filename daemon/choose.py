@@ -146,13 +146,9 @@ def choose_for_light(
             unsub = archive.scalar(
                 "SELECT COUNT(*) FROM masters WHERE kind = 'dark' AND superseded_by IS NULL AND bias_subtracted = 0"
             )
-            refusal = (
-                " (darks of other exposures still contain the bias and cannot be scaled)" if unsub else ""
-            )
+            refusal = " (darks of other exposures still contain the bias and cannot be scaled)" if unsub else ""
             if end_of_night:
-                c.notes.append(
-                    f"dark: none for {exp:g}s{refusal}; calibrated without dark at the end of the night"
-                )
+                c.notes.append(f"dark: none for {exp:g}s{refusal}; calibrated without dark at the end of the night")
             else:
                 c.missing.append(f"no dark for {exp:g}s, {binning}{refusal}")
     needs_bias = c.dark is None or bool(c.dark["bias_subtracted"])
@@ -172,7 +168,5 @@ def choose_for_light(
         c.missing.append(f"no flat for filter {light.get('filter') or '(none)'}, {binning}")
     for m in (c.bias, c.dark, c.flat):
         if m is not None and m["night"] != light["night"]:
-            c.notes.append(
-                f"{m['kind']} from the library: night {m['night']} (this night has none of its own)"
-            )
+            c.notes.append(f"{m['kind']} from the library: night {m['night']} (this night has none of its own)")
     return c

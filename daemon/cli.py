@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon: watch folders and process frames as they arrive")
     _common(p)
     p.add_argument("--watch", type=Path, action="append", help="camera folder to watch (repeatable)")
-    p.add_argument(
-        "--metrics", metavar="HOST:PORT", help='metrics endpoint, or "off" (overrides [metrics] listen)'
-    )
+    p.add_argument("--metrics", metavar="HOST:PORT", help='metrics endpoint, or "off" (overrides [metrics] listen)')
 
     p = sub.add_parser("reduce", help="run the whole pipeline over folders already on disk, then exit")
     _common(p)
@@ -90,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file and print the result")
     _common(p, archive=False)
 
-    p = sub.add_parser(
-        "simulate", help="write a simulated night of FITS files (for tests, demos, benchmarks)"
-    )
+    p = sub.add_parser("simulate", help="write a simulated night of FITS files (for tests, demos, benchmarks)")
     p.add_argument("out", type=Path, metavar="OUT")
     _simulate_options(p)
     p.add_argument("--slow", action="store_true", help="write each file in chunks, like a slow camera")
@@ -260,9 +256,7 @@ def _cmd_reduce(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        print(
-            f"reduced {summary['files']} file(s) in {summary['seconds']['total']:.1f} s into {config.archive.path}"
-        )
+        print(f"reduced {summary['files']} file(s) in {summary['seconds']['total']:.1f} s into {config.archive.path}")
         _print_summary(summary)
     return EXIT_OK
 
@@ -271,9 +265,7 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
     archive, pipeline = _open(config, create=False)
     try:
         summary = pipeline.summary()
-        last = archive.one(
-            "SELECT path, kind, status, night, updated_at FROM frames ORDER BY id DESC LIMIT 1"
-        )
+        last = archive.one("SELECT path, kind, status, night, updated_at FROM frames ORDER BY id DESC LIMIT 1")
         summary.update(
             archive=str(config.archive_path),
             schema_version=archive.schema_version,
@@ -394,9 +386,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     plan = simulate_night(args.out, _sim_config(args), slow=args.slow, rename=args.rename)
     counts = plan.counts()
-    print(
-        f"wrote {len(plan.frames)} files to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
-    )
+    print(f"wrote {len(plan.frames)} files to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     return EXIT_OK
 
 

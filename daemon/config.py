@@ -54,9 +54,7 @@ class ClassifyConfig:
 
 @dataclass
 class CalibrationConfig:
-    min_frames: dict[str, int] = field(
-        default_factory=lambda: {"bias": 3, "dark": 3, "flat": 3, "darkflat": 3}
-    )
+    min_frames: dict[str, int] = field(default_factory=lambda: {"bias": 3, "dark": 3, "flat": 3, "darkflat": 3})
     set_quiet_seconds: float = 120.0
     match_keys: list[str] = field(
         default_factory=lambda: [
@@ -191,11 +189,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             raise _expect(key, "a table of numbers", value)
         out = {}
         for k, v in value.items():
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or (num is int and not isinstance(v, int))
-            ):
+            if isinstance(v, bool) or not isinstance(v, int | float) or (num is int and not isinstance(v, int)):
                 raise _expect(f"{key}.{k}", "a whole number" if num is int else "a number", v)
             out[k] = num(v)
         return out
@@ -209,9 +203,7 @@ def _fill(section_name: str, cls: type, raw: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(
-            f"config key [{section_name}] {unknown[0]}: unknown key (known: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"config key [{section_name}] {unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
     obj = cls()
     for name, value in raw.items():
         setattr(obj, name, _coerce(f"[{section_name}] {name}", hints[name], value))
@@ -250,7 +242,7 @@ def _validate(cfg: Config) -> None:
         except (ZoneInfoNotFoundError, ValueError):
             raise _expect(
                 "[site] timezone", 'an IANA time zone such as "America/Santiago"', cfg.site.timezone
-            )
+            ) from None
     if cfg.site.longitude is not None and not -180 <= cfg.site.longitude <= 360:
         raise _expect("[site] longitude", "degrees east between -180 and 360", cfg.site.longitude)
     for word, kind in cfg.classify.synonyms.items():
@@ -258,9 +250,7 @@ def _validate(cfg: Config) -> None:
             raise _expect(f"[classify] synonyms.{word}", f"one of {', '.join(KINDS)}", kind)
     for i, rule in enumerate(cfg.classify.overrides):
         if set(rule) != {"glob", "kind"} or rule["kind"] not in KINDS:
-            raise _expect(
-                f"[classify] overrides[{i}]", f'{{ glob = "...", kind = one of {", ".join(KINDS)} }}', rule
-            )
+            raise _expect(f"[classify] overrides[{i}]", f'{{ glob = "...", kind = one of {", ".join(KINDS)} }}', rule)
     c = cfg.calibration
     for kind in c.min_frames:
         if kind not in ("bias", "dark", "flat", "darkflat"):
@@ -281,9 +271,7 @@ def _validate(cfg: Config) -> None:
         if getattr(c, key) <= 0:
             raise _expect(f"[calibration] {key}", "a number > 0", getattr(c, key))
     if cfg.stacking.sigma <= 0 or cfg.stacking.mem_limit_mb <= 0:
-        raise _expect(
-            "[stacking] sigma / mem_limit_mb", "numbers > 0", (cfg.stacking.sigma, cfg.stacking.mem_limit_mb)
-        )
+        raise _expect("[stacking] sigma / mem_limit_mb", "numbers > 0", (cfg.stacking.sigma, cfg.stacking.mem_limit_mb))
     parse_listen(cfg.metrics.listen)
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise _expect("[logging] level", "debug, info, warning or error", cfg.logging.level)

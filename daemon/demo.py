@@ -103,21 +103,15 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             from daemon.report import write_report
 
-            for night in sorted(
-                {r["night"] for r in archive.query("SELECT DISTINCT night FROM frames")} - {None}
-            ):
+            for night in sorted({r["night"] for r in archive.query("SELECT DISTINCT night FROM frames")} - {None}):
                 report = write_report(archive, night)
         except ImportError:  # pragma: no cover - the report module is optional at this stage
             pass
     finally:
         archive.close()
-    print(
-        f"\ndemo finished in {time.monotonic() - t0:.1f} s: {len(plan.frames)} files written, archive {archive_dir}"
-    )
+    print(f"\ndemo finished in {time.monotonic() - t0:.1f} s: {len(plan.frames)} files written, archive {archive_dir}")
     _print_summary(summary)
     if report:
         print(f"night report: {report}")
-    print(
-        f"try: nightshift status --archive {archive_dir}   |   nightshift quarantine --archive {archive_dir}"
-    )
+    print(f"try: nightshift status --archive {archive_dir}   |   nightshift quarantine --archive {archive_dir}")
     return 0

@@ -44,9 +44,7 @@ def quarantine(p: Pipeline, row: dict[str, Any], error: FrameError) -> int:
     return frame_id
 
 
-def ingest_file(
-    p: Pipeline, path: Path, *, size: int | None = None, mtime: float | None = None
-) -> int | None:
+def ingest_file(p: Pipeline, path: Path, *, size: int | None = None, mtime: float | None = None) -> int | None:
     """Ingest ``path`` once. Returns the frame id, or None when the file was already recorded unchanged."""
     path = Path(path).absolute()
     spath = str(path)
@@ -104,6 +102,6 @@ def ingest_file(
         "ingest", "ingested", f"{note} (night {meta.night}, header words: {meta.dialect})", frame_id=frame_id
     )
     p.metrics.frames_ingested.labels(kind=meta.kind).inc()
-    p.note_newest_frame(meta.date_obs)
+    p.note_newest_frame(mtime)
     log.info("ingested %s: %s, night %s", spath, note, meta.night)
     return frame_id

@@ -61,14 +61,14 @@ log = logging.getLogger(__name__)
 STAGES = ("ingest", "master", "calibrate", "grade", "align", "stack", "preview")
 #: Kinds a master is built for; the ``kind`` label of nightshift_masters_built_total.
 MASTER_KINDS = ("bias", "dark", "flat", "darkflat")
-#: Why a light is kept out of the stack (grading, then alignment); the ``reason`` label of rejections.
+#: Why a light is kept out of the stack; the ``reason`` label of rejections. The codes are the words before the
+#: colon of the archive's reasons: service.grade.judge's sentences, and "unaligned: ..." for alignment failures.
 REJECT_REASONS = (
     "bright_sky",  # sky far above the group's (twilight, moon)
     "cloudy",  # too few stars, or stars too faint
     "trailed",  # elongated stars (tracking, wind)
     "blurred",  # FWHM far above the group's (focus, seeing)
-    "too_few_stars",  # not enough stars to align on
-    "no_match",  # alignment found no transform to the reference
+    "unaligned",  # no transform to the stack's reference (too few stars, no matching pattern)
 )
 #: The ``reason`` value for a code outside the vocabulary.
 OTHER = "other"
@@ -213,7 +213,7 @@ class _BoundedLabels(MetricWrapperBase):
             return str(value)
         if name == "reason":
             code = reason_code(str(value), allowed)
-            if code == OTHER and str(value) not in self._warned:
+            if code == OTHER and str(value) != OTHER and str(value) not in self._warned:
                 self._warned.add(str(value))
                 log.warning("%s: reason %r is not in the vocabulary; counted as %r", self._name, value, OTHER)
             return code

@@ -87,12 +87,9 @@ class Pipeline:
             return
         quarantine(self, {"path": spath}, FrameError("incomplete", reason))
 
-    def note_newest_frame(self, date_obs: str) -> None:
-        try:
-            when = datetime.fromisoformat(date_obs).replace(tzinfo=UTC).timestamp()
-        except ValueError:
-            return
-        self.metrics.set_newest_frame(when)
+    def note_newest_frame(self, mtime: float) -> None:
+        """The newest frame's file time (not DATE-OBS: a camera clock set in the future must not hide a stall)."""
+        self.metrics.set_newest_frame(min(mtime, time.time()))
 
     # -- notes on sets that wait (said once each) -----------------------------------------------------------------
     def _say_once(self, key: str, message: str, frames: list[dict[str, Any]]) -> None:
@@ -121,16 +118,12 @@ class Pipeline:
             for f in frames:
                 tries = (self.archive.scalar("SELECT tries FROM frames WHERE id = ?", [f["id"]]) or 0) + 1
                 if tries >= MAX_TRIES:
-                    err = FrameError(
-                        "processing_error", f"{stage} failed {tries} times: {type(exc).__name__}: {exc}"
-                    )
+                    err = FrameError("processing_error", f"{stage} failed {tries} times: {type(exc).__name__}: {exc}")
                     self.archive.update_frame(f["id"], tries=tries)
                     quarantine(self, {"path": f["path"]}, err)
                 else:
                     self.archive.update_frame(f["id"], tries=tries)
-                    self.archive.event(
-                        stage, "error", f"{type(exc).__name__}: {exc} (try {tries})", frame_id=f["id"]
-                    )
+                    self.archive.event(stage, "error", f"{type(exc).__name__}: {exc} (try {tries})", frame_id=f["id"])
 
     def work(self, *, end_of_night: bool = False) -> bool:
         """Do the next unit of work; False when there was nothing to do."""
@@ -169,9 +162,7 @@ class Pipeline:
             return True
         return False
 
-    def run_until_idle(
-        self, *, end_of_night: bool = False, progress: Callable[[], None] | None = None
-    ) -> int:
+    def run_until_idle(self, *, end_of_night: bool = False, progress: Callable[[], None] | None = None) -> int:
         steps = 0
         while self.work(end_of_night=end_of_night):
             steps += 1
@@ -186,10 +177,7 @@ class Pipeline:
         nights = (
             [night]
             if night
-            else [
-                r["night"]
-                for r in self.archive.query("SELECT DISTINCT night FROM stacks WHERE state = 'live'")
-            ]
+            else [r["night"] for r in self.archive.query("SELECT DISTINCT night FROM stacks WHERE state = 'live'")]
         )
         for n in nights:
             for stack in quiet_stacks(self, night=n):
@@ -201,9 +189,7 @@ class Pipeline:
     # -- the clock of the night -----------------------------------------------------------------------------------
     def night_end_utc(self, night: str) -> datetime:
         """Local noon after the night began, in UTC (naive)."""
-        noon = datetime.combine(date.fromisoformat(night) + timedelta(days=1), datetime.min.time()).replace(
-            hour=12
-        )
+        noon = datetime.combine(date.fromisoformat(night) + timedelta(days=1), datetime.min.time()).replace(hour=12)
         site = self.config.site
         if site.timezone:
             return noon.replace(tzinfo=ZoneInfo(site.timezone)).astimezone(UTC).replace(tzinfo=None)
@@ -246,8 +232,7 @@ class Pipeline:
         return {
             "frames": self.archive.counts(),
             "masters": {
-                r["kind"]: r["n"]
-                for r in self.archive.query("SELECT kind, COUNT(*) AS n FROM masters GROUP BY kind")
+                r["kind"]: r["n"] for r in self.archive.query("SELECT kind, COUNT(*) AS n FROM masters GROUP BY kind")
             },
             "stacks": self.archive.query(
                 "SELECT object, filter, exptime, night, n_frames, state, path FROM stacks ORDER BY id"

@@ -36,7 +36,6 @@ UNDATED_WINDOW = timedelta(hours=1)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _KIND_ORDER = ("bias", "dark", "darkflat", "flat", "light", "-")
-_GOOD_LIGHT = ("stacked", "calibrated")
 #: Plot colours of common filters; other filters take the palette in turn.
 _FILTER_COLOURS = {
     "L": "#4d4d4d",
@@ -158,7 +157,8 @@ def _pick_previews(lights: list[dict[str, Any]], n: int) -> list[dict[str, Any]]
     if len(lights) <= n:
         return list(lights)
     rejected = [f for f in lights if f["status"] == "rejected"][: n // 2]
-    others = [f for f in lights if f not in rejected]
+    first = {f["id"] for f in rejected}
+    others = [f for f in lights if f["id"] not in first]
     k = n - len(rejected)
     if k >= len(others):
         chosen = others
@@ -166,7 +166,7 @@ def _pick_previews(lights: list[dict[str, Any]], n: int) -> list[dict[str, Any]]
         chosen = [others[len(others) // 2]]
     else:
         chosen = [others[round(i * (len(others) - 1) / (k - 1))] for i in range(k)]
-    ids = {f["id"] for f in rejected + chosen}
+    ids = first | {f["id"] for f in chosen}
     return [f for f in lights if f["id"] in ids]
 
 
@@ -206,11 +206,9 @@ def _x_ticks(t0: datetime, t1: datetime) -> tuple[datetime, datetime, list[datet
     step = next((s for s in (1, 2, 5, 10, 15, 20, 30, 60, 120, 180, 240, 360) if span_min / s <= 7), 720)
     first = t0.replace(second=0, microsecond=0)
     first -= timedelta(minutes=(first.hour * 60 + first.minute) % step)
-    ticks = []
-    t = first
-    while t <= t1 + timedelta(minutes=step):
-        ticks.append(t)
-        t += timedelta(minutes=step)
+    ticks = [first]
+    while ticks[-1] < t1:
+        ticks.append(ticks[-1] + timedelta(minutes=step))
     return ticks[0], ticks[-1], ticks
 
 
@@ -352,6 +350,8 @@ def _section(sid: str, title: str, body: str) -> str:
 
 def _summary(d: dict[str, Any]) -> str:
     everything = d["frames"] + d["undated"]
+    if not everything:
+        return _section("summary", "Summary", '<p class="bad">The archive holds no frame of this night.</p>')
     counts: dict[str, Counter[str]] = {}
     for f in everything:
         counts.setdefault(f["kind"] or "-", Counter())[f["status"]] += 1
@@ -376,7 +376,7 @@ def _summary(d: dict[str, Any]) -> str:
     used = [m for m in d["masters"] if m["id"] in d["used"]]
     facts = [
         ("lights", f"{len(lights)} ({', '.join(f'{n} {_e(s)}' for s, n in sorted(by_status.items())) or 'none'})"),
-        ("first / last light", f"{times[0]:%Y-%m-%d %H:%M:%S} / {times[-1]:%H:%M:%S} UTC" if times else "&ndash;"),
+        ("first / last light", f"{min(times):%Y-%m-%d %H:%M:%S} / {max(times):%H:%M:%S} UTC" if times else "&ndash;"),
         ("stacks", f"{len(d['stacks'])}, {_duration(stacked_exp)} of exposure in them"),
         ("quarantined", f'<span class="{"bad" if quarantined else ""}">{quarantined}</span>'),
         (

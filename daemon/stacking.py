@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from astropy.io import fits
 
 from daemon.archive import now_iso
-from daemon.metrics import REJECT_REASONS, reason_code
 from service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
 from service.frame import Image
 from service.grade import Grade, RejectRules, grade_frame, judge, transparency
@@ -285,7 +284,7 @@ def grade_and_stack(p: Pipeline, frame: dict[str, Any]) -> None:
     if reason:
         p.archive.set_status(frame["id"], "rejected", reason)
         p.archive.event("grade", "rejected", reason, frame_id=frame["id"])
-        p.metrics.frames_rejected.labels(reason=reason_code(reason, REJECT_REASONS)).inc()
+        p.metrics.frames_rejected.labels(reason=reason).inc()
         log.info("rejected %s: %s", frame["path"], reason)
         return
     ref = _reference(p, frame)
@@ -300,7 +299,7 @@ def grade_and_stack(p: Pipeline, frame: dict[str, Any]) -> None:
         why = f"unaligned: {exc}"
         p.archive.set_status(frame["id"], "rejected", why)
         p.archive.event("align", "rejected", why, frame_id=frame["id"])
-        p.metrics.frames_rejected.labels(reason=reason_code(getattr(exc, "reason", "no_match"), REJECT_REASONS)).inc()
+        p.metrics.frames_rejected.labels(reason=why).inc()
         log.warning("could not align %s: %s", frame["path"], exc)
         return
     p.metrics.frames_aligned.inc()

@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 from service.frame import Image
 from service.stars import StarList, detect_stars
 
-__all__ = ["Grade", "RejectRules", "grade_frame", "judge", "quality_score", "transparency"]
+__all__ = ["Grade", "RejectRules", "grade_frame", "grade_from_stars", "judge", "quality_score", "transparency"]
 
 #: Grade.flux sums the fluxes of this many of the brightest stars.
 N_FLUX_STARS = 20
@@ -78,7 +78,7 @@ def grade_frame(image: Image, *, threshold: float = 5.0, max_stars: int = 500) -
     Parameters
     ----------
     image : Image
-        Calibrated frame; its mask (and any NaN) is ignored. Not modified.
+        Calibrated frame; masked and NaN pixels are left out. Not modified.
     threshold : float, default 5.0
         Star detection threshold in background RMS.
     max_stars : int, default 500
@@ -121,7 +121,7 @@ def transparency(grade: Grade, reference: Grade, *, transform: Any = None) -> fl
     the k-th brightest star of each frame are paired (k up to 20) and the median ratio is taken: good enough for
     frames of the same field. Fluxes are compared per second when both exposure times are known.
 
-    Returns NaN when nothing can be compared (no stars in one of the frames).
+    Returns 0.0 when the frame shows no star at all and NaN when the reference has none (nothing to compare).
     """
     src, ref = grade.stars, reference.stars
     if len(src) == 0 or len(ref) == 0:
@@ -190,6 +190,10 @@ def judge(
     Group figures are for frames of the same object, filter and exposure; pass None for what is not known yet
     (the first frame of a group), and that rule is skipped.
 
+    The rules are tried in this order: transparency (cloudy), sky level (bright sky), star count (cloudy: below
+    the minimum, or against the best frame), elongation (trailed), FWHM (blurred). The word before the colon is
+    one of ``cloudy``, ``bright sky``, ``trailed``, ``blurred``: a bounded vocabulary for metrics.
+
     Returns
     -------
     str or None
@@ -208,7 +212,7 @@ def judge(
             f"group median {group_background_median:.0f}"
         )
     if grade.n_stars < rules.min_stars:
-        return f"too few stars: {grade.n_stars} < {rules.min_stars}"
+        return f"cloudy: {grade.n_stars} stars < {rules.min_stars}"
     if best_n_stars and grade.n_stars < rules.min_star_fraction * best_n_stars:
         return f"cloudy: {grade.n_stars} stars < {rules.min_star_fraction:g} x best frame's {best_n_stars}"
     if math.isfinite(grade.elongation) and grade.elongation > rules.max_elongation:

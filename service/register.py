@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import astroalign
 import numpy as np
@@ -69,6 +70,22 @@ class Transform:
     def identity(cls) -> Transform:
         """The reference's own transform."""
         return cls(np.eye(3), 0.0, 0, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (for the archive); :meth:`from_dict` reads it back."""
+        return {
+            "matrix": [[float(v) for v in row] for row in self.matrix],
+            "rms": float(self.rms),
+            "n_matches": int(self.n_matches),
+            "rotation_deg": float(self.rotation_deg),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Transform:
+        """Rebuild a transform written by :meth:`to_dict`."""
+        return cls(
+            np.array(d["matrix"], dtype=np.float64), float(d["rms"]), int(d["n_matches"]), float(d["rotation_deg"])
+        )
 
 
 def find_transform(

@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -42,13 +43,17 @@ def _exptime(header: fits.Header) -> float | None:
     return None
 
 
-def _stack_header(header: fits.Header, *, n: int, exptotal: float, frames: Iterable[str], method: str) -> fits.Header:
+def _stack_header(
+    header: fits.Header, *, n: int, exptotal: float, frames: Iterable[str], method: str, history: bool
+) -> fits.Header:
     out = header.copy()
     out["NCOMBINE"] = (int(n), "number of frames stacked")
     out["EXPTOTAL"] = (round(float(exptotal), 3), "[s] total exposure of the frames stacked")
     out["COMBINE"] = (method, "how the frames were combined")
-    for name in frames:
-        out.add_history(f"stacked {name}")
+    if history:
+        for name in frames:
+            if name:
+                out.add_history(f"stacked {name}")
     return out
 
 
@@ -71,7 +76,7 @@ class LiveStack:
     exptime_total : float
         Summed exposure (seconds) of the frames added.
     frames : list of str
-        Names of the frames added, in order.
+        Names of the frames added, in order ("" where no name was known).
     """
 
     def __init__(self, shape: tuple[int, int]) -> None:
@@ -85,7 +90,7 @@ class LiveStack:
     def add(self, image: Image, *, name: str | None = None) -> None:
         """Add an aligned frame; masked and non-finite pixels are left out. The image is not modified.
 
-        ``name`` (default: the header's FILENAME, else ``frame N``) is listed in the stack's HISTORY.
+        ``name`` (default: the header's FILENAME, if any) is listed in the stack's HISTORY.
         """
         data = image.data
         if data.shape != self.shape:
@@ -97,17 +102,21 @@ class LiveStack:
         self.count += good
         self.n += 1
         self.exptime_total += _exptime(image.header) or 0.0
-        self.frames.append(name or str(image.header.get("FILENAME", f"frame {self.n}")))
+        self.frames.append(name or str(image.header.get("FILENAME", "")))
 
-    def image(self, header: fits.Header) -> Image:
-        """The current mean, with ``header`` (the reference's) plus NCOMBINE, EXPTOTAL and the frames in HISTORY.
+    def image(self, header: fits.Header, *, history: bool = True) -> Image:
+        """The current mean, with ``header`` (the reference's) plus NCOMBINE, EXPTOTAL and COMBINE.
+
+        The named frames are listed in HISTORY unless ``history`` is False (when the caller writes its own).
 
         Pixels no frame covered are NaN and masked.
         """
         empty = self.count == 0
         mean = np.full(self.shape, np.nan, dtype=np.float32)
         np.divide(self.sum, self.count, out=mean, where=~empty)
-        out_header = _stack_header(header, n=self.n, exptotal=self.exptime_total, frames=self.frames, method="mean")
+        out_header = _stack_header(
+            header, n=self.n, exptotal=self.exptime_total, frames=self.frames, method="mean", history=history
+        )
         return Image(data=mean, header=out_header, mask=empty)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
@@ -145,7 +154,8 @@ class LiveStack:
         return stack
 
 
-def _image_hdus(hdul: fits.HDUList) -> tuple[fits.hdu.base._BaseHDU, fits.hdu.base._BaseHDU | None]:
+def _image_hdus(hdul: fits.HDUList) -> tuple[Any, Any]:
+    """The image HDU of an aligned frame (primary or first image extension) and its MASK extension or None."""
     data_hdu = mask_hdu = None
     for hdu in hdul:
         if hdu.header.get("NAXIS", 0) != 2:
@@ -159,14 +169,14 @@ def _image_hdus(hdul: fits.HDUList) -> tuple[fits.hdu.base._BaseHDU, fits.hdu.ba
     return data_hdu, mask_hdu
 
 
-def _read_band(data_hdu, mask_hdu, rows: slice, out: np.ndarray) -> None:
+def _read_band(data_hdu: Any, mask_hdu: Any, rows: slice, out: np.ndarray) -> None:
     """Read rows of a frame into ``out`` (float32), NaN where masked."""
     out[...] = data_hdu.section[rows, :]
     if mask_hdu is not None:
         out[np.asarray(mask_hdu.section[rows, :]) != 0] = np.nan
 
 
-def _sky_stats(data_hdu, mask_hdu, n_rows: int) -> tuple[float, float]:
+def _sky_stats(data_hdu: Any, mask_hdu: Any, n_rows: int) -> tuple[float, float]:
     """Sky level and pixel noise of a frame, from a few rows spread over it."""
     height, width = data_hdu.shape
     rows = np.unique(np.linspace(0, height - 1, min(n_rows, height)).astype(int))
@@ -181,18 +191,38 @@ def _sky_stats(data_hdu, mask_hdu, n_rows: int) -> tuple[float, float]:
     return (level if math.isfinite(level) else 0.0), (noise if math.isfinite(noise) else 0.0)
 
 
-def _clip_spread(floor: float):
-    """Robust spread of each pixel's values across frames (MAD-based), never below the frames' sky noise.
+def _clipped_mean(cube: np.ndarray, sigma: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and count along axis 0 of the values within ``sigma`` robust deviations of each pixel's median.
 
-    With a handful of frames the MAD of each pixel is itself noisy; where it comes out low, clipping at a few
-    of it would throw away good values and the stack would be noisier than it need be.
+    astropy's sigma_clip (its fast C path: median centre, MAD-based spread, iterated) gives the bounds; the
+    spread is then never allowed below the frames' sky noise ``floor``: with a handful of frames the MAD of a
+    pixel is itself noisy, and where it comes out low, clipping would throw good values away.
     """
-    floor32 = np.float32(floor)
-
-    def spread(data: np.ndarray, axis: int | None = None) -> np.ndarray:
-        return np.maximum(mad_std(data, axis=axis, ignore_nan=True), floor32)
-
-    return spread
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, lo, hi = sigma_clip(
+            cube,
+            sigma=sigma,
+            maxiters=5,
+            cenfunc="median",
+            stdfunc="mad_std",
+            axis=0,
+            masked=True,
+            copy=False,
+            return_bounds=True,
+        )
+    centre = (lo + hi) * np.float32(0.5)
+    half_width = np.maximum((hi - lo) * np.float32(0.5), np.float32(sigma * floor))
+    with np.errstate(invalid="ignore"):
+        keep = np.abs(cube - centre) <= half_width  # NaN (masked) compares False
+    count = np.count_nonzero(keep, axis=0).astype(np.int32)
+    np.logical_not(keep, out=keep)
+    cube[keep] = 0.0  # the band buffer is ours: zero what is rejected, then sum
+    total = cube.sum(axis=0, dtype=np.float32)
+    mean = np.full(total.shape, np.nan, dtype=np.float32)
+    np.divide(total, count, out=mean, where=count > 0)
+    return mean, count
 
 
 def final_combine(
@@ -202,6 +232,7 @@ def final_combine(
     sigma: float = 3.0,
     mem_limit_bytes: int = 512 * 2**20,
     match_background: bool = True,
+    history: bool = True,
 ) -> Image:
     """Combine aligned frames on disk into a sigma-clipped mean.
 
@@ -222,6 +253,8 @@ def final_combine(
     match_background : bool, default True
         Shift each frame's sky to the frames' median sky before clipping, so a sky that changed through the night
         does not look like an outlier.
+    history : bool, default True
+        List the frames' file names in HISTORY (False when the caller's header already lists them).
 
     Returns
     -------
@@ -260,22 +293,7 @@ def final_combine(
                 _read_band(data_hdu, mask_hdu, slice(y0, y1), part[i])
                 if offsets[i]:
                     part[i] -= offsets[i]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", AstropyUserWarning)
-                warnings.simplefilter("ignore", RuntimeWarning)
-                clipped = sigma_clip(
-                    part,
-                    sigma=sigma,
-                    maxiters=5,
-                    cenfunc="median",
-                    stdfunc=_clip_spread(noise_floor),
-                    axis=0,
-                    masked=False,
-                    copy=False,
-                )
-                result[y0:y1] = np.nanmean(clipped, axis=0)
-            counts[y0:y1] = np.count_nonzero(np.isfinite(clipped), axis=0)
-            del clipped
+            result[y0:y1], counts[y0:y1] = _clipped_mean(part, sigma, noise_floor)
 
         exptotal = sum(_exptime(h) or 0.0 for _, _, h in hdus)
     empty = counts == 0
@@ -286,5 +304,6 @@ def final_combine(
         exptotal=exptotal,
         frames=[p.name for p in paths],
         method=f"sigma-clipped mean ({sigma:g} sigma)",
+        history=history,
     )
     return Image(data=result, header=out_header, mask=empty)

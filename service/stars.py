@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import sep
 
+from service.frame import FrameError
+
 __all__ = ["StarList", "detect_stars"]
 
 #: sep refuses crowded frames with its default pixel stack (300k); a 4k frame of a rich field needs more.
@@ -127,6 +129,11 @@ def detect_stars(
     StarList
         Stars sorted by flux (descending), with the sky level and its RMS (sep.Background, a sigma-clipped mode
         estimate per 64 px mesh; the global values are the medians over the meshes).
+
+    Raises
+    ------
+    FrameError
+        ``processing_error`` when sep gives up (its buffers overflow on an absurdly crowded or noisy frame).
     """
     if data.ndim != 2:
         raise ValueError(f"detect_stars needs a 2-D image, got shape {data.shape}")
@@ -152,7 +159,7 @@ def detect_stars(
             work, threshold, err=rms, mask=sep_mask, minarea=5, segmentation_map=True, deblend_nthresh=16
         )
     except Exception as exc:  # sep raises plain Exception when its internal buffers overflow
-        raise RuntimeError(f"star detection failed: {exc}") from exc
+        raise FrameError("processing_error", f"star detection failed: {exc}") from exc
 
     keep = ((objects["flag"] & _BAD_FLAGS) == 0) & (objects["flux"] > 0) & (objects["b"] > 0)
     idx = np.flatnonzero(keep)

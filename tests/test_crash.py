@@ -10,24 +10,35 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from conftest import wait_until, write_config_file
+
 from daemon.archive import Archive
 from service.simulate import SimConfig, plan_night, write_frame
-from tests.conftest import wait_until, write_config_file
 
 
 def test_sigkill_during_a_night_loses_and_doubles_nothing(tmp_path: Path, start_nightshift) -> None:
     camera, archive_dir = tmp_path / "camera", tmp_path / "archive"
     camera.mkdir()
     cfg = write_config_file(tmp_path / "n.toml", camera, archive_dir, calibration={"set_quiet_seconds": 1.0})
-    plan = plan_night(SimConfig(size=256, n_bias=3, n_dark=3, n_flat=3, n_light=4, dark_exptimes=(300.0,),
-                                light_exptimes=(300.0,), cloudy=0, dialect="nina"))
+    plan = plan_night(
+        SimConfig(
+            size=256,
+            n_bias=3,
+            n_dark=3,
+            n_flat=3,
+            n_light=4,
+            dark_exptimes=(300.0,),
+            light_exptimes=(300.0,),
+            cloudy=0,
+            dialect="nina",
+        )
+    )
     done = threading.Event()
 
     def camera_writes() -> None:
         try:
             for i, f in enumerate(plan.frames):
-                write_frame(plan, f, camera, slow=(i % 3 == 0), chunk_bytes=8192, chunk_delay=0.03,
-                            rename=(i % 2 == 1))
+                write_frame(plan, f, camera, slow=(i % 3 == 0), chunk_bytes=8192, chunk_delay=0.03, rename=(i % 2 == 1))
                 time.sleep(0.15)
         finally:
             done.set()

@@ -3,6 +3,7 @@ renames, a real HTTP scrape of its metrics, SIGHUP reloads, the low-disk pause, 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -11,9 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import require_tool, wait_until, write_config_file
+
 from daemon.archive import Archive
 from service.simulate import SimConfig, plan_night, write_frame
-from tests.conftest import require_tool, wait_until, write_config_file
 
 
 def _free_port() -> int:
@@ -56,8 +58,19 @@ def test_daemon_processes_a_live_night_and_metrics_match_the_archive(tmp_path: P
     cfg = write_config_file(tmp_path / "n.toml", camera, archive_dir, metrics={"listen": f"127.0.0.1:{port}"})
     proc = start_nightshift("run", "--config", str(cfg))
     proc.wait_for_log("watching")
-    plan = plan_night(SimConfig(size=256, n_bias=3, n_dark=3, n_flat=3, n_light=2, dark_exptimes=(30.0,),
-                                light_exptimes=(30.0,), broken=True, dialect="mixed"))
+    plan = plan_night(
+        SimConfig(
+            size=256,
+            n_bias=3,
+            n_dark=3,
+            n_flat=3,
+            n_light=2,
+            dark_exptimes=(30.0,),
+            light_exptimes=(30.0,),
+            broken=True,
+            dialect="mixed",
+        )
+    )
 
     def camera_writes() -> None:
         for i, f in enumerate(plan.frames):
@@ -74,8 +87,9 @@ def test_daemon_processes_a_live_night_and_metrics_match_the_archive(tmp_path: P
         a = _db(archive_dir)
         try:
             n = a.scalar("SELECT COUNT(*) FROM frames")
-            busy = a.scalar("SELECT COUNT(*) FROM frames WHERE status IN ('calibrated') OR "
-                            "(kind = 'light' AND status = 'ingested')")
+            busy = a.scalar(
+                "SELECT COUNT(*) FROM frames WHERE status IN ('calibrated') OR (kind = 'light' AND status = 'ingested')"
+            )
             return n == n_files and busy == 0
         finally:
             a.close()
@@ -93,11 +107,14 @@ def test_daemon_processes_a_live_night_and_metrics_match_the_archive(tmp_path: P
         assert _value(text, "nightshift_frames_quarantined_total", reason="incomplete") == 1  # the truncated file
         assert _value(text, "nightshift_masters_built_total") == a.scalar("SELECT COUNT(*) FROM masters")
         assert _value(text, "nightshift_frames_calibrated_total") == a.scalar(
-            "SELECT COUNT(*) FROM frames WHERE calibrated_path IS NOT NULL")
+            "SELECT COUNT(*) FROM frames WHERE calibrated_path IS NOT NULL"
+        )
         assert _value(text, "nightshift_frames_stacked_total") == a.scalar(
-            "SELECT COUNT(*) FROM frames WHERE status = 'stacked'")
+            "SELECT COUNT(*) FROM frames WHERE status = 'stacked'"
+        )
         assert _value(text, "nightshift_lights_pending") == a.scalar(
-            "SELECT COUNT(*) FROM frames WHERE status = 'pending'")
+            "SELECT COUNT(*) FROM frames WHERE status = 'pending'"
+        )
         assert _value(text, "nightshift_watcher_alive") == 1
         assert _value(text, "nightshift_archive_free_bytes") > 0
         # a partially written file was never read: no frame was quarantined as truncated or not FITS
@@ -121,8 +138,9 @@ def test_sigterm_stops_cleanly_and_a_restart_catches_up(tmp_path: Path, start_ni
     camera, archive_dir = tmp_path / "camera", tmp_path / "archive"
     camera.mkdir()
     cfg = write_config_file(tmp_path / "n.toml", camera, archive_dir)
-    plan = plan_night(SimConfig(size=256, n_bias=3, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(),
-                                light_exptimes=(), filters=()))
+    plan = plan_night(
+        SimConfig(size=256, n_bias=3, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(), light_exptimes=(), filters=())
+    )
     proc = start_nightshift("run", "--config", str(cfg))
     proc.wait_for_log("watching")
     write_frame(plan, plan.frames[0], camera)
@@ -156,8 +174,9 @@ def test_sighup_reload_bad_config_keeps_running_and_low_disk_pauses(tmp_path: Pa
     write_config_file(cfg, camera, archive_dir, archive={"min_free_mb": 10**12})
     proc = start_nightshift("run", "--config", str(cfg))
     proc.wait_for_log("processing paused")
-    plan = plan_night(SimConfig(size=256, n_bias=3, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(),
-                                light_exptimes=(), filters=()))
+    plan = plan_night(
+        SimConfig(size=256, n_bias=3, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(), light_exptimes=(), filters=())
+    )
     write_frame(plan, plan.frames[0], camera)
     time.sleep(2.0)
     assert _count(archive_dir) == 0, "nothing is processed while paused"
@@ -193,3 +212,87 @@ def test_idle_daemon_sleeps(tmp_path: Path, start_nightshift) -> None:
     used = (cpu_seconds() - c0) / (time.monotonic() - t0)
     assert used < 0.05, f"idle daemon used {used:.1%} of a core"
     assert proc.stop() == 0
+
+
+def test_lights_first_wait_as_pending_and_calibrate_when_masters_appear(tmp_path: Path, start_nightshift) -> None:
+    camera, archive_dir = tmp_path / "camera", tmp_path / "archive"
+    camera.mkdir()
+    cfg = write_config_file(tmp_path / "n.toml", camera, archive_dir, calibration={"set_quiet_seconds": 1.0})
+    plan = plan_night(
+        SimConfig(
+            size=256,
+            n_bias=3,
+            n_dark=3,
+            n_flat=3,
+            n_light=2,
+            filters=("V",),
+            dark_exptimes=(300.0,),
+            light_exptimes=(300.0,),
+            cloudy=0,
+            meridian_flip=False,
+            order="lights-first",
+            dialect="nina",
+        )
+    )
+    proc = start_nightshift("run", "--config", str(cfg))
+    proc.wait_for_log("watching")
+    lights = [f for f in plan.frames if f.kind == "light"]
+    for f in lights:
+        write_frame(plan, f, camera)
+
+    def pending() -> list[dict]:
+        a = _db(archive_dir)
+        try:
+            return a.query("SELECT status, reason FROM frames WHERE kind = 'light'")
+        finally:
+            a.close()
+
+    wait_until(lambda: len(pending()) == 2 and all(r["status"] == "pending" for r in pending()), 30, "lights pending")
+    assert all("no flat for filter V, binning 1x1" in r["reason"] for r in pending())
+    for f in plan.frames:
+        if f.kind != "light":
+            write_frame(plan, f, camera)
+    wait_until(lambda: {r["status"] for r in pending()} == {"stacked"}, 60, "lights calibrated and stacked")
+    a = _db(archive_dir)
+    try:
+        events = a.query("SELECT decision FROM events WHERE stage = 'calibrate' ORDER BY id")
+        assert [e["decision"] for e in events][:2] == ["pending", "pending"] and events[-1]["decision"] == "calibrated"
+    finally:
+        a.close()
+    assert proc.stop() == 0
+
+
+def test_systemd_notify_protocol_from_the_real_daemon(tmp_path: Path, start_nightshift) -> None:
+    """READY after the start-up scan, STATUS lines, WATCHDOG pings, STOPPING on SIGTERM, over a real socket."""
+    camera, archive_dir = tmp_path / "camera", tmp_path / "archive"
+    camera.mkdir()
+    cfg = write_config_file(tmp_path / "n.toml", camera, archive_dir)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(1.0)
+    proc = start_nightshift(
+        "run", "--config", str(cfg), env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}
+    )
+    received: list[str] = []
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and not (
+        any("READY=1" in m for m in received)
+        and sum("WATCHDOG=1" in m for m in received) >= 2
+        and any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in received)
+    ):
+        with contextlib.suppress(TimeoutError):
+            received.append(sock.recv(4096).decode())
+    assert any("READY=1" in m for m in received), received
+    assert sum("WATCHDOG=1" in m for m in received) >= 2, received
+    assert any("queue" in m for m in received), "a STATUS line with the queue depth"
+    proc.signal(signal.SIGTERM)
+    assert proc.p.wait(30) == 0
+    tail = []
+    try:
+        while True:
+            tail.append(sock.recv(4096).decode())
+    except TimeoutError:
+        pass
+    assert any("STOPPING=1" in m for m in tail), tail
+    sock.close()

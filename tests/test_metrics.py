@@ -146,9 +146,10 @@ def test_labels_are_bounded() -> None:
     with pytest.raises(ValueError, match="stack_id"):
         metrics.stack_frames.labels(stack_id="M31 Ha 300s")
     metrics.frames_rejected.labels(reason="/srv/camera/M31_0001.fits looked odd").inc()
+    metrics.frames_rejected.labels(reason="other").inc()
     metrics.frames_quarantined.labels(reason="IMAGETYP='Bias Frame'").inc()
     got = samples(metrics.render().decode())
-    assert got[("nightshift_frames_rejected_total", (("reason", "other"),))] == 1
+    assert got[("nightshift_frames_rejected_total", (("reason", "other"),))] == 2
     assert got[("nightshift_frames_quarantined_total", (("reason", "other"),))] == 1
     allowed = {
         "kind": set(KINDS),
@@ -166,7 +167,9 @@ def test_reason_code() -> None:
     assert reason_code("cloudy: 3 stars < 5", REJECT_REASONS) == "cloudy"
     assert reason_code("bright sky: background 900 > 2 x 300", REJECT_REASONS) == "bright_sky"
     assert reason_code("trailed", REJECT_REASONS) == "trailed"
+    assert reason_code("unaligned: no matching star pattern between frame and reference", REJECT_REASONS) == "unaligned"
     assert reason_code("a very strange frame", REJECT_REASONS) == "other"
+    assert reason_code("other", REJECT_REASONS) == "other"
 
 
 def test_stage_times_every_run_and_leaves_error_counting_to_the_caller() -> None:
@@ -344,3 +347,13 @@ def test_alerts_use_only_exported_metrics() -> None:
         names = metric_names_in(rule["expr"])
         assert names, rule["alert"]
         assert names <= exported, (rule["alert"], names - exported)
+
+
+def test_unknown_reason_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    with caplog.at_level("WARNING", logger="daemon.metrics"):
+        for _ in range(3):
+            metrics.frames_rejected.labels(reason="gremlins: in the optics").inc()
+        metrics.frames_rejected.labels(reason="other").inc()
+    assert len(caplog.records) == 1
+    assert "gremlins" in caplog.records[0].getMessage()

@@ -7,14 +7,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 from astropy.io import fits
+from conftest import make_config, reduce_night
 
 from daemon.archive import GOOD_STATUSES, Archive
 from daemon.batch import reduce_folders, reprocess
 from daemon.pipeline import Pipeline
 from service.simulate import BROKEN_FILES, SimConfig, plan_night, simulate_night, write_frame
-from tests.conftest import make_config, reduce_night
 
 
 def _lights(archive: Archive) -> list[dict]:
@@ -54,8 +53,13 @@ def test_quarantine_notes_are_written_and_raw_files_untouched(night, reduced: Ar
 def test_masters_built_for_every_set(reduced: Archive) -> None:
     masters = reduced.query("SELECT kind, filter, exptime, n_frames, bias_subtracted FROM masters ORDER BY id")
     kinds = sorted((m["kind"], m["filter"], m["exptime"]) for m in masters)
-    assert kinds == [("bias", None, 0.0), ("dark", None, 30.0), ("dark", None, 300.0), ("flat", "B", 2.0),
-                     ("flat", "V", 2.0)]
+    assert kinds == [
+        ("bias", None, 0.0),
+        ("dark", None, 30.0),
+        ("dark", None, 300.0),
+        ("flat", "B", 2.0),
+        ("flat", "V", 2.0),
+    ]
     assert all(m["n_frames"] == 5 for m in masters)
     assert all(m["bias_subtracted"] for m in masters if m["kind"] != "bias")
     for m in reduced.query("SELECT * FROM masters"):
@@ -153,8 +157,12 @@ def test_lights_first_night_ends_fully_calibrated(tmp_path: Path) -> None:
 
 def test_scaled_dark_when_no_dark_of_the_light_exposure(tmp_path: Path) -> None:
     camera = tmp_path / "camera"
-    simulate_night(camera, SimConfig(size=384, n_light=2, light_exptimes=(60.0,), dark_exptimes=(30.0, 300.0),
-                                     cloudy=0, meridian_flip=False))
+    simulate_night(
+        camera,
+        SimConfig(
+            size=384, n_light=2, light_exptimes=(60.0,), dark_exptimes=(30.0, 300.0), cloudy=0, meridian_flip=False
+        ),
+    )
     archive = reduce_night(camera, tmp_path / "archive")
     for r in _lights(archive):
         dark = archive.one("SELECT * FROM masters WHERE id = ?", [r["dark_id"]])
@@ -219,8 +227,9 @@ def test_more_frames_later_rebuild_the_master_as_a_new_version(tmp_path: Path) -
 
 def test_same_content_under_another_name_is_a_duplicate(tmp_path: Path) -> None:
     camera = tmp_path / "camera"
-    plan = plan_night(SimConfig(size=256, n_bias=3, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(),
-                                light_exptimes=(), filters=()))
+    plan = plan_night(
+        SimConfig(size=256, n_bias=3, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(), light_exptimes=(), filters=())
+    )
     first = write_frame(plan, plan.frames[0], camera)
     shutil.copy(first, camera / "copy_of_bias.fits")
     archive = reduce_night(camera, tmp_path / "archive")
@@ -234,15 +243,36 @@ def test_same_content_under_another_name_is_a_duplicate(tmp_path: Path) -> None:
 
 def test_reprocess_recalibrates_with_the_current_best_masters(tmp_path: Path) -> None:
     camera = tmp_path / "camera"
-    plan = plan_night(SimConfig(size=384, n_light=2, cloudy=0, meridian_flip=False, filters=("V",),
-                                light_exptimes=(30.0,), dark_exptimes=(30.0,)))
+    plan = plan_night(
+        SimConfig(
+            size=384,
+            n_light=2,
+            cloudy=0,
+            meridian_flip=False,
+            filters=("V",),
+            light_exptimes=(30.0,),
+            dark_exptimes=(30.0,),
+        )
+    )
     for f in plan.frames:
         write_frame(plan, f, camera)
     archive = reduce_night(camera, tmp_path / "archive")
     old_flat = {r["flat_id"] for r in _lights(archive)}
     # more flats arrive after the night was reduced: a new flat master version, then reprocess
-    more = plan_night(SimConfig(size=384, n_flat=3, n_bias=0, n_dark=0, n_light=0, filters=("V",),
-                                light_exptimes=(), dark_exptimes=(), seed=7, start="2026-11-25T19:00:00"))
+    more = plan_night(
+        SimConfig(
+            size=384,
+            n_flat=3,
+            n_bias=0,
+            n_dark=0,
+            n_light=0,
+            filters=("V",),
+            light_exptimes=(),
+            dark_exptimes=(),
+            seed=7,
+            start="2026-11-25T19:00:00",
+        )
+    )
     for f in more.frames:
         write_frame(more, f, camera / "more")
     pipe = Pipeline(make_config(camera, tmp_path / "archive"), archive)

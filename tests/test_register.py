@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -62,6 +63,8 @@ def test_unflipped_frame_aligns_and_reference_is_identity(night):
     t = find_transform(stars[1], stars[0])
     assert abs(t.rotation_deg) < 1.0
     assert _truth_error(plan, frames[1], frames[0], t) < 0.1
+    back = Transform.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert np.array_equal(back.matrix, t.matrix) and back.n_matches == t.n_matches and back.rms == t.rms
     same = find_transform(stars[0], stars[0])
     assert np.allclose(same.matrix, np.eye(3), atol=1e-9) and same.rms < 1e-9
 

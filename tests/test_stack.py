@@ -61,6 +61,7 @@ def test_live_stack_is_the_mean_of_good_pixels():
     h = result.header
     assert h["NCOMBINE"] == 4 and h["EXPTOTAL"] == 240.0 and h["CTYPE1"] == "RA---TAN"
     assert [str(c) for c in h["HISTORY"]] == [f"stacked light_{i:03d}.fits" for i in range(4)]
+    assert "HISTORY" not in stack.image(_reference_header(), history=False).header  # the caller writes its own
 
 
 def test_live_stack_refuses_a_frame_of_another_shape():

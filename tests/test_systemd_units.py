@@ -109,7 +109,7 @@ def test_verify_is_clean(analyze: str, unit_root: Path, unit: str) -> None:
 
 
 def test_verify_would_catch_a_broken_unit(analyze: str, unit_root: Path) -> None:
-    text = MAIN.read_text().replace("ProtectClock=yes", "ProtectClok=yes").replace("WatchdogSec=60", "WatchdogSec=6x")
+    text = MAIN.read_text().replace("ProtectClock=yes", "ProtectClok=yes").replace("WatchdogSec=300", "WatchdogSec=6x")
     (unit_root / "etc/systemd/system/nightshift-broken.service").write_text(text)
     result = verify(analyze, unit_root, "nightshift-broken.service")
     output = result.stdout + result.stderr

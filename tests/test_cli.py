@@ -1,0 +1,153 @@
+"""The command line as a person uses it: real ``nightshift`` processes, their exit codes and what they print;
+and the configuration's one clear message per mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+COMMANDS = [
+    "run",
+    "reduce",
+    "status",
+    "frames",
+    "quarantine",
+    "masters",
+    "stacks",
+    "reprocess",
+    "report",
+    "check-config",
+    "simulate",
+    "demo",
+]
+
+
+def nightshift(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_documented_default_config_equals_the_built_in_defaults() -> None:
+    documented = load_config(REPO / "config" / "nightshift.toml")
+    builtin = Config()
+    documented.source = builtin.source = "-"
+    assert asdict(documented) == asdict(builtin)
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "expected"),
+    [
+        ("[watch]\nquiet_seconds = 'soon'", "[watch] quiet_seconds", "a number"),
+        ("[watch]\nobserver = 'fanotify'", "[watch] observer", '"native" or "polling"'),
+        ("[watch]\npaths = []", "[watch] paths", "at least one folder"),
+        (
+            "[watch]\nquiet_seconds = 5\nincomplete_timeout_seconds = 3",
+            "[watch] incomplete_timeout_seconds",
+            "more than quiet_seconds",
+        ),
+        ("[archive]\npaht = '/x'", "[archive] paht", "unknown key"),
+        ("[archve]\npath = '/x'", "[archve]", "unknown section"),
+        ("[site]\ntimezone = 'Mars/Olympus'", "[site] timezone", "IANA time zone"),
+        ("[classify]\nsynonyms = { 'Mystery' = 'science' }", "[classify] synonyms.Mystery", "one of bias"),
+        ("[calibration]\nmin_frames = { bias = 0 }", "[calibration] min_frames.bias", "at least 1"),
+        ("[calibration]\nmatch_keys = ['colour']", "[calibration] match_keys", "names from"),
+        ("[metrics]\nlisten = 'localhost'", "[metrics] listen", "HOST:PORT"),
+        ("[logging]\nlevel = 'loud'", "[logging] level", "debug, info"),
+        ("[watch\n", "not valid TOML", ""),
+    ],
+)
+def test_bad_config_names_the_key_and_exits_2(tmp_path: Path, toml: str, key: str, expected: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert key in str(err.value) and expected in str(err.value)
+    result = nightshift("check-config", "--config", str(cfg))
+    assert result.returncode == 2
+    assert key in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_check_config_accepts_the_documented_default() -> None:
+    result = nightshift("check-config", "--config", str(REPO / "config" / "nightshift.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+
+
+def test_documented_default_parses_as_toml_with_every_section() -> None:
+    raw = tomllib.loads((REPO / "config" / "nightshift.toml").read_text())
+    assert set(raw) == {f for f in Config.__dataclass_fields__ if f != "source"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = nightshift(command, "--help")
+    assert result.returncode == 0 and "usage: nightshift " + command in result.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    assert nightshift().returncode == 2
+    assert nightshift("frobnicate").returncode == 2
+    assert nightshift("frames", "--kind", "comet").returncode == 2
+
+
+def test_missing_archive_and_watch_folder_fail_clearly(tmp_path: Path) -> None:
+    result = nightshift("status", "--archive", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "no archive at" in result.stderr
+    result = nightshift(
+        "run", "--watch", str(tmp_path / "no-camera"), "--archive", str(tmp_path / "a"), "--metrics", "off"
+    )
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_simulate_reduce_and_listings(tmp_path: Path) -> None:
+    camera, archive = tmp_path / "camera", tmp_path / "archive"
+    result = nightshift("simulate", str(camera), "--size", "256", "--lights", "2", "--calibrations", "3", "--broken")
+    assert result.returncode == 0, result.stderr
+    n_files = sum(1 for p in camera.rglob("*") if p.is_file())
+    assert f"wrote {n_files} files" in result.stdout
+    result = nightshift("reduce", str(camera), "--archive", str(archive))
+    assert result.returncode == 0, result.stderr
+    assert f"reduced {n_files} file(s)" in result.stdout
+    assert "[ingest]" in result.stderr, "long batch work shows progress"
+    result = nightshift("frames", "--archive", str(archive), "--json")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == n_files
+    result = nightshift("frames", "--archive", str(archive), "--kind", "bias", "--json")
+    assert {json.loads(line)["kind"] for line in result.stdout.splitlines()} == {"bias"}
+    result = nightshift("quarantine", "--archive", str(archive), "--json")
+    reasons = {json.loads(line)["reason"].split(":")[0] for line in result.stdout.splitlines()}
+    assert {"empty", "not_fits", "truncated", "nan_data", "constant_data", "unknown_type"} <= reasons
+    result = nightshift("quarantine", "--archive", str(archive))
+    assert result.returncode == 0 and "not_fits:" in result.stdout
+    result = nightshift("status", "--archive", str(archive), "--json")
+    status = json.loads(result.stdout)
+    assert status["schema_version"] >= 1 and status["queue_depth"] == 0
+    assert sum(sum(v.values()) for v in status["frames"].values()) == n_files
+    result = nightshift("status", "--archive", str(archive))
+    assert "frames by kind and status" in result.stdout
+    result = nightshift("stacks", "--archive", str(archive), "--json")
+    assert result.returncode == 0 and len(result.stdout.splitlines()) >= 1
+    result = nightshift("masters", "--archive", str(archive))
+    assert result.returncode == 0 and "bias" in result.stdout
+    result = nightshift("reprocess", "--archive", str(archive))
+    assert result.returncode == 2
+
+
+def test_log_format_json_gives_one_object_per_line(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    nightshift("simulate", str(camera), "--size", "128", "--lights", "0", "--calibrations", "1")
+    result = nightshift("reduce", str(camera), "--archive", str(tmp_path / "a"), "--log-format", "json", "--json")
+    assert result.returncode == 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("{")]
+    assert lines
+    for line in lines:
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= set(entry)
