@@ -146,12 +146,12 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(
         "nightshift_newest_frame_timestamp_seconds",
         "gauge",
-        "When the newest frame ingested was taken (DATE-OBS, Unix seconds); 0 before the first.",
+        "File time (mtime, Unix seconds, never in the future) of the newest frame ingested; 0 before the first.",
     ),
     MetricSpec(
         "nightshift_newest_frame_age_seconds",
         "gauge",
-        "Seconds since the newest frame ingested was taken, at scrape time; NaN before the first.",
+        "Seconds since the newest frame ingested was written, at scrape time; NaN before the first.",
     ),
     MetricSpec("nightshift_stacks_active", "gauge", "Stacks of the newest observing night in the archive."),
     MetricSpec(
@@ -319,7 +319,7 @@ class Metrics:
             histogram.observe(time.perf_counter() - start)
 
     def set_newest_frame(self, timestamp: float) -> None:
-        """Record when an ingested frame was taken (DATE-OBS as Unix seconds); the newest one is kept."""
+        """Record the file time of an ingested frame (Unix seconds); the newest one is kept."""
         with self._lock:
             self._newest_frame = max(self._newest_frame, float(timestamp))
 
