@@ -64,9 +64,10 @@ def _combined_mask(*images: Image | None) -> np.ndarray | None:
     return out
 
 
-def calibrate_light(p: Pipeline, frame: dict[str, Any], *, end_of_night: bool = False) -> bool:
+def calibrate_light(p: Pipeline, frame: dict[str, Any]) -> bool:
     """Calibrate ``frame`` if its masters exist; returns True when calibrated, False when it waits."""
     cfg = p.config.calibration
+    end_of_night = p.night_ended(frame["night"])
     choice = choose_for_light(p.archive, cfg, frame, end_of_night=end_of_night)
     if choice.missing:
         reason = choice.reason_missing + (" (night ended)" if end_of_night else "")

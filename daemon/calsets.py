@@ -132,11 +132,12 @@ def _age_seconds(iso: str) -> float:
     return time.time() - datetime.fromisoformat(iso + "+00:00").timestamp()
 
 
-def ready_sets(p: Pipeline, *, end_of_night: bool = False) -> Iterator[tuple[CalSet, str]]:
+def ready_sets(p: Pipeline) -> Iterator[tuple[CalSet, str]]:
     """Sets whose master should be built now, with the reason they count as complete."""
     cfg = p.config.calibration
     newest_id = p.archive.scalar("SELECT MAX(id) FROM frames WHERE status != 'quarantined'") or 0
     for s in _sets(p):
+        end_of_night = p.night_ended(s.first["night"])
         n = len(s.frames)
         need = cfg.min_frames.get(s.kind, 3)
         if n < need:
@@ -161,7 +162,7 @@ def _load(p: Pipeline, master: dict[str, Any] | None) -> Image | None:
     return None if master is None else p.masters.get(master)
 
 
-def build_master(p: Pipeline, s: CalSet, why: str, *, end_of_night: bool = False) -> int | None:
+def build_master(p: Pipeline, s: CalSet, why: str) -> int | None:
     """Build (or rebuild) the master of ``s``. Returns the master id, or None when it must wait."""
     cfg = p.config.calibration
     first = s.first
@@ -169,7 +170,7 @@ def build_master(p: Pipeline, s: CalSet, why: str, *, end_of_night: bool = False
     notes: list[str] = [f"complete: {why}"]
     if s.kind in ("dark", "darkflat", "flat"):
         bias = find_master(p.archive, cfg, "bias", first)
-        if bias is None and not end_of_night:
+        if bias is None and not p.night_ended(first["night"]):
             p.note_waiting_set(s, f"waiting for a master bias to subtract from the {s.kind}s")
             return None
         notes.append(f"bias: master #{bias['id']}" if bias else "no master bias: built without bias subtraction")

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rename", action="store_true", help="write name.tmp, then rename")
 
     p = sub.add_parser("demo", help="run the daemon on a simulated night written live, then summarise")
+    p.add_argument("--config", type=Path, help="base configuration (its folders and timings are set by the demo)")
     p.add_argument("--out", type=Path, default=Path("demo-night"), help="folder for camera/ and archive/")
     _simulate_options(p)
     p.add_argument("--metrics", metavar="HOST:PORT", default="off", help='metrics endpoint (default "off")')

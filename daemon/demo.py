@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from daemon.archive import Archive
-from daemon.config import config_from_dict
+from daemon.config import load_config
 from daemon.pipeline import Pipeline
 from daemon.runner import Daemon
 
@@ -55,8 +55,9 @@ def run_demo(args: argparse.Namespace) -> int:
     sim = _sim_config(args)
     sim.broken = True
     plan = plan_night(sim)
-    config = config_from_dict(
-        {
+    config = load_config(
+        args.config,
+        overrides={
             "watch": {
                 "paths": [str(camera)],
                 "quiet_seconds": 0.5,
@@ -67,7 +68,6 @@ def run_demo(args: argparse.Namespace) -> int:
             "calibration": {"set_quiet_seconds": 3.0},
             "metrics": {"listen": args.metrics},
         },
-        source="demo",
     )
     print(
         f"demo: a simulated night of {len(plan.frames)} files ({args.size}x{args.size} px) is being written to "

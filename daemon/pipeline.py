@@ -50,6 +50,7 @@ class Pipeline:
         self.masters = MasterCache(archive.root)
         self.live_stacks: dict[int, LiveStack] = {}
         self.masters_changed = True  # retry pending lights once at start
+        self._ended: set[str] | None = set()  # nights being closed by end_night (None: every night)
         self._said: set[str] = set()
         self.apply_config(config)
 
@@ -125,28 +126,32 @@ class Pipeline:
                     self.archive.update_frame(f["id"], tries=tries)
                     self.archive.event(stage, "error", f"{type(exc).__name__}: {exc} (try {tries})", frame_id=f["id"])
 
-    def work(self, *, end_of_night: bool = False) -> bool:
+    def night_ended(self, night: str | None) -> bool:
+        """True while ``end_night`` closes ``night``: sets build with what they have, lights stop waiting."""
+        return self._ended is None or night in self._ended
+
+    def work(self) -> bool:
         """Do the next unit of work; False when there was nothing to do."""
-        for s, why in ready_sets(self, end_of_night=end_of_night):
+        for s, why in ready_sets(self):
             with self._guard("master", s.new_frames):
-                if build_master(self, s, why, end_of_night=end_of_night) is not None:
+                if build_master(self, s, why) is not None:
                     return True
         light = self.archive.one(
             "SELECT * FROM frames WHERE kind = 'light' AND status = 'ingested' ORDER BY date_obs, id LIMIT 1"
         )
         if light is not None:
             with self._guard("calibrate", [light]):
-                calibrate_light(self, light, end_of_night=end_of_night)
+                calibrate_light(self, light)
                 return True
             return True
-        if self.masters_changed or end_of_night:
+        if self.masters_changed:
             self.masters_changed = False
             did = False
             for light in self.archive.query(
                 "SELECT * FROM frames WHERE kind = 'light' AND status = 'pending' ORDER BY date_obs, id"
             ):
                 with self._guard("calibrate", [light]):
-                    did |= calibrate_light(self, light, end_of_night=end_of_night)
+                    did |= calibrate_light(self, light)
             if did:
                 return True
         light = self.archive.one(
@@ -162,29 +167,35 @@ class Pipeline:
             return True
         return False
 
-    def run_until_idle(self, *, end_of_night: bool = False, progress: Callable[[], None] | None = None) -> int:
+    def run_until_idle(self, *, progress: Callable[[], None] | None = None) -> int:
         steps = 0
-        while self.work(end_of_night=end_of_night):
+        while self.work():
             steps += 1
             if progress is not None:
                 progress()
         return steps
 
     def end_night(self, night: str | None = None, *, progress: Callable[[], None] | None = None) -> None:
-        """The night is over: build what can be built, calibrate what can be, finalise the stacks."""
+        """``night`` (None: every night) is over: build what can be built, calibrate what can be, final stacks."""
         self.run_until_idle(progress=progress)
-        self.run_until_idle(end_of_night=True, progress=progress)
-        nights = (
-            [night]
-            if night
-            else [r["night"] for r in self.archive.query("SELECT DISTINCT night FROM stacks WHERE state = 'live'")]
-        )
-        for n in nights:
-            for stack in quiet_stacks(self, night=n):
-                with self._guard("stack", []):
-                    finalize_stack(self, stack)
-                if progress is not None:
-                    progress()
+        self._ended = None if night is None else {night}
+        self.masters_changed = True
+        try:
+            self.run_until_idle(progress=progress)
+            if night is None:
+                nights = [
+                    r["night"] for r in self.archive.query("SELECT DISTINCT night FROM stacks WHERE state = 'live'")
+                ]
+            else:
+                nights = [night]
+            for n in nights:
+                for stack in quiet_stacks(self, night=n):
+                    with self._guard("stack", []):
+                        finalize_stack(self, stack)
+                    if progress is not None:
+                        progress()
+        finally:
+            self._ended = set()
 
     # -- the clock of the night -----------------------------------------------------------------------------------
     def night_end_utc(self, night: str) -> datetime:

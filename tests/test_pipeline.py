@@ -285,3 +285,38 @@ def test_reprocess_recalibrates_with_the_current_best_masters(tmp_path: Path) ->
     assert {r["flat_id"] for r in lights} == {newest}
     assert {r["status"] for r in lights} == {"stacked"}
     archive.close()
+
+
+def test_night_ends_at_local_noon(tmp_path: Path) -> None:
+    archive = Archive(tmp_path / "a")
+    chile = Pipeline(make_config(tmp_path, tmp_path / "a", site={"timezone": "America/Santiago"}), archive)
+    assert chile.night_end_utc("2026-11-25").isoformat() == "2026-11-26T15:00:00"
+    west = Pipeline(make_config(tmp_path, tmp_path / "a", site={"longitude": -70.5}), archive)
+    assert west.night_end_utc("2026-11-25").isoformat() == "2026-11-26T16:42:00"
+    utc = Pipeline(make_config(tmp_path, tmp_path / "a"), archive)
+    assert utc.night_end_utc("2026-11-25").isoformat() == "2026-11-26T12:00:00"
+    archive.close()
+
+
+def test_a_past_night_is_closed_by_the_daemon_clock(tmp_path: Path) -> None:
+    """Lights of a night whose local noon has passed stop waiting: reported as never calibrated."""
+    camera = tmp_path / "camera"
+    plan = plan_night(SimConfig(size=256, n_light=1, cloudy=0, start="2026-09-01T19:00:00", filters=("V",),
+                                light_exptimes=(30.0,), dark_exptimes=(30.0,)))
+    for f in plan.frames:
+        if f.kind != "flat":
+            write_frame(plan, f, camera)
+    archive = Archive(tmp_path / "archive")
+    pipe = Pipeline(make_config(camera, tmp_path / "archive"), archive)
+    for f in plan.frames:
+        if f.kind != "flat":
+            pipe.ingest(camera / f.name)
+    pipe.run_until_idle()
+    light = archive.one("SELECT * FROM frames WHERE kind = 'light'")
+    assert light["status"] == "pending" and "(night ended)" not in light["reason"]
+    assert pipe.finished_nights() == ["2026-09-01"]
+    pipe.end_night("2026-09-01")
+    light = archive.one("SELECT * FROM frames WHERE kind = 'light'")
+    assert light["status"] == "pending" and light["reason"].endswith("(night ended)")
+    assert pipe.finished_nights() == []
+    archive.close()
