@@ -66,6 +66,7 @@ def _grade_of(p: Pipeline, row: dict[str, Any]) -> Grade | None:
         elongation=row["elongation"],
         flux=src["flux"],
         stars=StarList.from_dict(src["stars"]),
+        exptime=row["exptime"],
     )
 
 
@@ -271,7 +272,9 @@ def _rebase(p: Pipeline, frame: dict[str, Any], old: dict[str, Any]) -> None:
             kept.append(p.archive.frame(m["id"]))
         if kept:
             live = _live(p, stack, kept, (frame["naxis2"], frame["naxis1"]))
-            _write_stack(p, stack, live.image(_stack_header(p, stack, kept, final=False)), kept, final=False)
+            _write_stack(
+                p, stack, live.image(_stack_header(p, stack, kept, final=False), history=False), kept, final=False
+            )
         p.archive.event("align", "rebased", f"new reference frame {frame['id']}", stack_id=stack["id"])
 
 
@@ -320,7 +323,7 @@ def grade_and_stack(p: Pipeline, frame: dict[str, Any]) -> None:
         live.add(aligned)
         members.append(frame)
         header = _stack_header(p, stack, members, final=False)
-        _write_stack(p, stack, live.image(header), members, final=False)
+        _write_stack(p, stack, live.image(header, history=False), members, final=False)
     p.archive.event(
         "stack",
         "stacked",
@@ -402,6 +405,7 @@ def finalize_stack(p: Pipeline, stack: dict[str, Any]) -> None:
                 header=header,
                 sigma=p.config.stacking.sigma,
                 mem_limit_bytes=int(p.config.stacking.mem_limit_mb * 2**20),
+                history=False,
             )
             _write_stack(p, stack, image, accepted, final=True)
         else:

@@ -1,8 +1,8 @@
 """Quick-look PNGs: how a person checks a frame at a glance.
 
 Frames are block-averaged down to a screen width, stretched to 8-bit grayscale (zscale, or a percentile range as
-in the reference notebook), flipped so north-up FITS rows display bottom-up, and encoded with Pillow. The
-functions return PNG bytes; writing them (atomically) is the caller's job.
+in the reference notebook), shown with FITS row 0 at the bottom (as ``imshow(origin="lower")`` does) and encoded
+with Pillow. The functions return PNG bytes; writing them (atomically) is the caller's job.
 """
 
 from __future__ import annotations

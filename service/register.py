@@ -104,7 +104,7 @@ def find_transform(
     source, reference : StarList
         Star lists of the frame and of the reference (as kept from grading).
     max_stars : int, default 50
-        Brightest stars given to astroalign's triangle matching.
+        At most this many of the brightest stars of each list go to astroalign's triangle matching.
     min_matches : int, default 5
         Fewer matched stars than this is not trusted.
     match_radius : float, default 2.0
@@ -123,9 +123,36 @@ def find_transform(
     """
     if len(source) < 3 or len(reference) < 3:
         raise AlignError(f"too few stars to align: {len(source)} in frame, {len(reference)} in reference (need 3)")
-    src_ctrl, ref_ctrl = source.xy(max_stars), reference.xy(max_stars)
+    # astroalign builds its triangles from each star's nearest neighbours, so the two lists must hold about the
+    # same stars: a frame of 17 stars never matches the 50 brightest of a deep reference. Try balanced lists
+    # first, then other cuts, before giving up.
+    k = min(max_stars, len(source), len(reference))
+    cuts = [(k, k), (max_stars, max_stars), (max(3, 2 * k // 3),) * 2, (k, min(max_stars, 2 * k))]
+    failure: AlignError | None = None
+    for n_src, n_ref in dict.fromkeys(cuts):
+        try:
+            return _attempt(source, reference, n_src, n_ref, min_matches, match_radius, max_scale_error)
+        except AlignError as exc:
+            if failure is None or failure.reason.startswith("no matching"):  # keep the most telling reason
+                failure = exc
+    assert failure is not None
+    raise failure
+
+
+def _attempt(
+    source: StarList,
+    reference: StarList,
+    n_src: int,
+    n_ref: int,
+    min_matches: int,
+    match_radius: float,
+    max_scale_error: float,
+) -> Transform:
+    """astroalign on the brightest ``n_src`` and ``n_ref`` stars, refined on all matching stars."""
     try:
-        first, _ = astroalign.find_transform(src_ctrl, ref_ctrl, max_control_points=max_stars)
+        first, _ = astroalign.find_transform(
+            source.xy(n_src), reference.xy(n_ref), max_control_points=max(n_src, n_ref)
+        )
     except astroalign.MaxIterError:
         raise AlignError("no matching star pattern between frame and reference") from None
     except Exception as exc:  # astroalign fails in many ways on degenerate star lists; none may stop the night
@@ -213,7 +240,7 @@ def apply_transform(image: Image, transform: Transform, shape: tuple[int, int]) 
     if needs_copy:
         data = np.array(data, dtype=np.float32, copy=True)
         if image.mask is not None:
-            data[image.mask] = np.nan
+            data[np.asarray(image.mask, dtype=bool)] = np.nan
     # output pixel -> input pixel, in (x, y): the inverse of the frame -> reference transform
     inverse = AffineTransform(matrix=np.linalg.inv(transform.matrix))
     out = warp(

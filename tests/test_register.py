@@ -79,6 +79,25 @@ def test_small_rotation_is_recovered(night, rotation):
     assert _truth_error(plan, turned, frames[0], t) < 0.1
 
 
+def test_shallow_frame_aligns_on_a_deep_reference():
+    """A short exposure shows a fraction of the stars of the long one it is aligned to (same object and filter)."""
+    plan = plan_night(SimConfig(size=384, n_light=2, filters=("B",), light_exptimes=(30.0, 300.0), cloudy=0))
+    frames = plan.by_kind("light")
+    deep = next(f for f in frames if f.exptime == 300.0 and not f.flipped)
+    shallow = next(f for f in frames if f.exptime == 30.0 and f.flipped)
+    ref_stars = detect_stars(_calibrated(plan, deep).data)
+    found = detect_stars(_calibrated(plan, shallow).data)
+    n = 15  # as few as a 30 s frame through B shows on a sparse field: astroalign fails on 15 against 50
+    src_stars = StarList(found.x[:n], found.y[:n], found.flux[:n], found.fwhm[:n], found.elongation[:n], 0.0, 1.0)
+    assert len(ref_stars) > 4 * n
+    t = find_transform(src_stars, ref_stars)
+    assert abs(abs(t.rotation_deg) - 180.0) < 1.0
+    size = plan.shape[0]
+    src, ref = plan.star_positions(shallow), plan.star_positions(deep)
+    inside = np.all((ref >= 0) & (ref <= size - 1), axis=1)
+    assert np.sqrt(np.mean(np.sum((t.apply(src[inside]) - ref[inside]) ** 2, axis=1))) < 0.1
+
+
 def test_warped_frame_puts_its_stars_on_the_reference(night):
     _, _, images, stars = night
     t = find_transform(stars[2], stars[0])
