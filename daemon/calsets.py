@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.archive import now_iso
 from daemon.choose import find_master
+from daemon.config import SETUP_KEYS
 from service.fitsio import sha256_file, write_fits_atomic
 from service.frame import Image
 from service.masters import (
@@ -247,18 +248,7 @@ def build_master(p: Pipeline, s: CalSet, why: str) -> int | None:
     }
     if img.mask is not None:
         row["mask_path"] = row["path"] + "[MASK]"
-    for k in (
-        "camera",
-        "xbin",
-        "ybin",
-        "gain",
-        "offset",
-        "readout_mode",
-        "naxis1",
-        "naxis2",
-        "telescope",
-        "bayerpat",
-    ):
+    for k in SETUP_KEYS:
         row[k] = first.get(k)
     ids = [f["id"] for f in s.new_frames]
     with p.archive.transaction():

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from service.frame import KINDS
+from service.grade import RejectRules
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_listen"]
+__all__ = ["SETUP_KEYS", "Config", "ConfigError", "load_config", "parse_listen"]
 
 
 class ConfigError(ValueError):
@@ -86,13 +87,9 @@ class CalibrationConfig:
 
 
 @dataclass
-class GradingConfig:
-    min_stars: int = 10
-    min_star_fraction: float = 0.3
-    min_transparency: float = 0.5
-    max_fwhm_ratio: float = 1.5
-    max_elongation: float = 1.6
-    max_background_ratio: float = 3.0
+class GradingConfig(RejectRules):
+    """The rejection rules (``service.grade.RejectRules``) plus the star detection threshold."""
+
     detect_threshold: float = 5.0
 
 
@@ -132,18 +129,8 @@ class Config:
         return Path(self.archive.path)
 
 
-_MATCHABLE = {
-    "camera",
-    "xbin",
-    "ybin",
-    "gain",
-    "offset",
-    "readout_mode",
-    "naxis1",
-    "naxis2",
-    "telescope",
-    "bayerpat",
-}
+#: Archive columns a calibration can be matched on (``[calibration] match_keys`` picks from these).
+SETUP_KEYS = ("camera", "xbin", "ybin", "gain", "offset", "readout_mode", "naxis1", "naxis2", "telescope", "bayerpat")
 
 
 def _expect(key: str, what: str, value: Any) -> ConfigError:
@@ -260,9 +247,9 @@ def _validate(cfg: Config) -> None:
     for kind in c.max_age_days:
         if kind not in ("bias", "dark", "flat", "darkflat"):
             raise _expect(f"[calibration] max_age_days.{kind}", "one of bias, dark, flat, darkflat", kind)
-    bad = [k for k in c.match_keys if k not in _MATCHABLE]
+    bad = [k for k in c.match_keys if k not in SETUP_KEYS]
     if bad:
-        raise _expect("[calibration] match_keys", f"names from {', '.join(sorted(_MATCHABLE))}", bad[0])
+        raise _expect("[calibration] match_keys", f"names from {', '.join(sorted(SETUP_KEYS))}", bad[0])
     if c.dark_method not in ("median", "average"):
         raise _expect("[calibration] dark_method", '"median" or "average"', c.dark_method)
     if c.flat_method not in ("median", "average"):

@@ -18,7 +18,7 @@ from astropy.io import fits
 from daemon.archive import now_iso
 from service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
 from service.frame import Image
-from service.grade import Grade, RejectRules, grade_frame, judge, transparency
+from service.grade import Grade, grade_frame, judge, transparency
 from service.preview import preview_png
 from service.register import AlignError, apply_transform, find_transform
 from service.stack import LiveStack, final_combine
@@ -40,18 +40,6 @@ _GROUP = _STACK_GROUP + " AND kind = 'light'"
 
 def _group_args(f: dict[str, Any]) -> list[Any]:
     return [f["night"], f["object"], f["filter"], f["exptime"]]
-
-
-def _rules(p: Pipeline) -> RejectRules:
-    g = p.config.grading
-    return RejectRules(
-        min_stars=g.min_stars,
-        min_star_fraction=g.min_star_fraction,
-        min_transparency=g.min_transparency,
-        max_fwhm_ratio=g.max_fwhm_ratio,
-        max_elongation=g.max_elongation,
-        max_background_ratio=g.max_background_ratio,
-    )
 
 
 def _grade_of(p: Pipeline, row: dict[str, Any]) -> Grade | None:
@@ -103,7 +91,7 @@ def _judge(p: Pipeline, frame: dict[str, Any], grade: Grade, others: list[dict[s
         group_fwhm_median=statistics.median(good_fwhm) if len(good_fwhm) >= 3 else None,
         group_background_median=statistics.median(good_bg) if len(good_bg) >= 3 else None,
         best_n_stars=best["n_stars"],
-        rules=_rules(p),
+        rules=p.config.grading,
     )
     return reason, transp
 
