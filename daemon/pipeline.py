@@ -82,11 +82,22 @@ class Pipeline:
             )
 
     def quarantine_incomplete(self, path: Path, reason: str) -> None:
+        """A file that never became a whole FITS file: kept aside, with its size and time so that a rescan
+        does not report it again (a later change to it makes it new again)."""
         spath = str(Path(path).absolute())
-        row = self.archive.frame_by_path(spath)
-        if row is not None and row["status"] != "quarantined":
+        row: dict[str, Any] = {"path": spath}
+        try:
+            st = Path(path).stat()
+            row.update(size_bytes=st.st_size, mtime=st.st_mtime)
+        except OSError:
+            pass
+        existing = self.archive.frame_by_path(spath)
+        if existing is not None and (
+            existing["status"] != "quarantined"
+            or self.archive.known(spath, row.get("size_bytes", -1), row.get("mtime", -1.0))
+        ):
             return
-        quarantine(self, {"path": spath}, FrameError("incomplete", reason))
+        quarantine(self, row, FrameError("incomplete", reason))
 
     def note_newest_frame(self, mtime: float) -> None:
         """The newest frame's file time (not DATE-OBS: a camera clock set in the future must not hide a stall)."""

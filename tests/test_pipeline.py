@@ -320,3 +320,25 @@ def test_a_past_night_is_closed_by_the_daemon_clock(tmp_path: Path) -> None:
     assert light["status"] == "pending" and light["reason"].endswith("(night ended)")
     assert pipe.finished_nights() == []
     archive.close()
+
+
+def test_an_incomplete_file_is_quarantined_once_and_again_only_if_it_changes(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    cut = camera / "cut.fits"
+    plan = plan_night(SimConfig(size=128, n_bias=1, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(),
+                                light_exptimes=(), filters=()))
+    whole = write_frame(plan, plan.frames[0], tmp_path)
+    cut.write_bytes(whole.read_bytes()[:10000])
+    archive = Archive(tmp_path / "archive")
+    pipe = Pipeline(make_config(camera, tmp_path / "archive"), archive)
+    pipe.quarantine_incomplete(cut, "still incomplete after 600 s")
+    pipe.quarantine_incomplete(cut, "still incomplete after 600 s")  # a rescan, or a restart, reports it again
+    row = archive.frame_by_path(str(cut))
+    assert row["status"] == "quarantined" and row["reason"].startswith("incomplete:")
+    assert archive.known(str(cut), row["size_bytes"], row["mtime"])
+    assert archive.scalar("SELECT COUNT(*) FROM events WHERE frame_id = ?", [row["id"]]) == 1
+    cut.write_bytes(whole.read_bytes())  # the file finally became whole: taken as a frame
+    pipe.ingest(cut)
+    assert archive.frame_by_path(str(cut))["status"] == "ingested"
+    archive.close()
