@@ -62,10 +62,7 @@ def reduce_folders(pipeline: Pipeline, folders: list[Path], *, show_progress: bo
     log.info("reduce: %d file(s) in %s", len(files), ", ".join(map(str, folders)))
     t0 = time.monotonic()
     progress = Progress("ingest", len(files)) if show_progress else None
-    for path in files:
-        pipeline.ingest(path)
-        if progress:
-            progress.step()
+    pipeline.ingest_many(files, progress=progress.step if progress else None)
     t_ingest = time.monotonic() - t0
     progress = Progress("process") if show_progress else None
     pipeline.end_night(progress=progress.step if progress else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("folders", type=Path, nargs="+", metavar="FOLDER")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="files read, hashed and calibrated at once (default: the number of cores)",
+    )
 
     p = sub.add_parser("status", help="what the archive holds: counts, queue, last frame")
     _common(p)
@@ -223,12 +230,12 @@ def _cmd_run(args: argparse.Namespace, config: Config) -> int:
     return daemon.run()
 
 
-def _open(config: Config, *, create: bool = True):
+def _open(config: Config, *, create: bool = True, workers: int = 1):
     from daemon.archive import Archive
     from daemon.pipeline import Pipeline
 
     archive = Archive(config.archive_path, create=create)
-    return archive, Pipeline(config, archive)
+    return archive, Pipeline(config, archive, workers=workers)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -249,10 +256,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _cmd_reduce(args: argparse.Namespace, config: Config) -> int:
     from daemon.batch import reduce_folders
 
-    archive, pipeline = _open(config)
+    archive, pipeline = _open(config, workers=max(1, args.workers))
     try:
         summary = reduce_folders(pipeline, [f.absolute() for f in args.folders], show_progress=not args.json)
     finally:
+        pipeline.close()
         archive.close()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

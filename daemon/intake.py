@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.classify import ClassifyOptions
 from service.fitsio import sha256_file, write_bytes_atomic
-from service.frame import FrameError
+from service.frame import FrameError, FrameMeta
 from service.inspect import inspect_frame
 
 if TYPE_CHECKING:
     from daemon.pipeline import Pipeline
 
-__all__ = ["ingest_file", "quarantine"]
+__all__ = ["Examined", "examine", "ingest_file", "quarantine", "record", "settled"]
 
 log = logging.getLogger("nightshift.ingest")
 
@@ -44,44 +46,68 @@ def quarantine(p: Pipeline, row: dict[str, Any], error: FrameError) -> int:
     return frame_id
 
 
-def ingest_file(p: Pipeline, path: Path, *, size: int | None = None, mtime: float | None = None) -> int | None:
-    """Ingest ``path`` once. Returns the frame id, or None when the file was already recorded unchanged."""
-    path = Path(path).absolute()
+@dataclass
+class Examined:
+    """What reading one file found: its metadata, or why it cannot be used. Made without the archive."""
+
+    path: Path
+    size: int
+    mtime: float
+    sha256: str | None = None
+    meta: FrameMeta | None = None
+    error: FrameError | None = None
+
+
+def examine(path: Path, size: int, mtime: float, options: ClassifyOptions) -> Examined:
+    """Hash and inspect one file (only reads it; safe to run on a worker thread). Never raises for bad input."""
+    ex = Examined(path, size, mtime)
+    try:
+        ex.sha256 = sha256_file(path)
+    except OSError as exc:
+        ex.error = FrameError("unreadable", f"cannot read the file: {exc.strerror or exc}")
+        return ex
+    try:
+        ex.meta = inspect_frame(path, options=options, sha256=ex.sha256)
+    except FrameError as exc:
+        ex.error = exc
+    return ex
+
+
+def settled(p: Pipeline, path: Path, size: int | None = None, mtime: float | None = None) -> tuple[int, float] | None:
+    """(size, mtime) of ``path`` if it needs ingesting; None when the archive holds it unchanged or it vanished
+    (a file that cannot even be stat'ed is quarantined here)."""
     spath = str(path)
     try:
         st = path.stat()
-        size = st.st_size if size is None else size
-        mtime = st.st_mtime if mtime is None else mtime
     except OSError as exc:
-        existing = p.archive.frame_by_path(spath)
-        if existing is None:
-            return quarantine(
-                p, {"path": spath}, FrameError("unreadable", f"cannot stat the file: {exc.strerror or exc}")
-            )
+        if p.archive.frame_by_path(spath) is None:
+            quarantine(p, {"path": spath}, FrameError("unreadable", f"cannot stat the file: {exc.strerror or exc}"))
         return None
+    size = st.st_size if size is None else size
+    mtime = st.st_mtime if mtime is None else mtime
     if p.archive.known(spath, size, mtime):
         return None
     p.metrics.files_seen.inc()
-    base = {"path": spath, "size_bytes": size, "mtime": mtime}
-    try:
-        sha = sha256_file(path)
-    except OSError as exc:
-        return quarantine(p, base, FrameError("unreadable", f"cannot read the file: {exc.strerror or exc}"))
-    base["sha256"] = sha
+    return size, mtime
+
+
+def record(p: Pipeline, ex: Examined) -> int | None:
+    """Record what ``examine`` found: a frame, a duplicate, or a quarantined file. Returns the frame id, or None
+    when the archive already held this content at this path."""
+    spath = str(ex.path)
+    base = {"path": spath, "size_bytes": ex.size, "mtime": ex.mtime, "sha256": ex.sha256}
     existing = p.archive.frame_by_path(spath)
-    if existing is not None and existing.get("sha256") == sha:
-        p.archive.update_frame(existing["id"], size_bytes=size, mtime=mtime)
+    if existing is not None and ex.sha256 is not None and existing.get("sha256") == ex.sha256:
+        p.archive.update_frame(existing["id"], size_bytes=ex.size, mtime=ex.mtime)
         return None
     if existing is not None:
         log.warning("%s changed on disk after it was recorded; recording its new content", spath)
         p.archive.event("ingest", "changed", "content changed on disk; re-ingested", frame_id=existing["id"])
-    with p.metrics.stage("ingest"):
-        try:
-            meta = inspect_frame(path, options=p.classify_options, sha256=sha)
-        except FrameError as exc:
-            return quarantine(p, base, exc)
-    row = {**meta.row(), "mtime": mtime, "reason": None, "duplicate_of": None}
-    original = p.archive.frame_by_sha(sha, exclude_path=spath)
+    if ex.error is not None or ex.meta is None:
+        return quarantine(p, base, ex.error or FrameError("processing_error", "inspection gave no result"))
+    meta = ex.meta
+    row = {**meta.row(), "mtime": ex.mtime, "reason": None, "duplicate_of": None}
+    original = p.archive.frame_by_sha(ex.sha256 or "", exclude_path=spath)
     if original is not None:
         row.update(
             status="duplicate",
@@ -102,6 +128,17 @@ def ingest_file(p: Pipeline, path: Path, *, size: int | None = None, mtime: floa
         "ingest", "ingested", f"{note} (night {meta.night}, header words: {meta.dialect})", frame_id=frame_id
     )
     p.metrics.frames_ingested.labels(kind=meta.kind).inc()
-    p.note_newest_frame(mtime)
+    p.note_newest_frame(ex.mtime)
     log.info("ingested %s: %s, night %s", spath, note, meta.night)
     return frame_id
+
+
+def ingest_file(p: Pipeline, path: Path, *, size: int | None = None, mtime: float | None = None) -> int | None:
+    """Ingest ``path`` once. Returns the frame id, or None when the file was already recorded unchanged."""
+    path = Path(path).absolute()
+    found = settled(p, path, size, mtime)
+    if found is None:
+        return None
+    with p.metrics.stage("ingest"):
+        ex = examine(path, *found, p.classify_options)
+    return record(p, ex)

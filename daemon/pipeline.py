@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -18,18 +19,28 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from daemon.archive import Archive
-from daemon.calibrating import MasterCache, calibrate_light
+from daemon.calibrating import MasterCache, compute_light, plan_light, record_light, refuse_light
 from daemon.calsets import CalSet, build_master, ready_sets
 from daemon.config import Config
-from daemon.intake import ingest_file, quarantine
+from daemon.intake import Examined, examine, ingest_file, quarantine, record, settled
 from daemon.metrics import Metrics
 from daemon.products import Layout
 from daemon.stacking import finalize_stack, grade_and_stack, quiet_stacks
+from service.calibrate import CalibrationError
 from service.classify import ClassifyOptions
 from service.frame import FrameError
 from service.stack import LiveStack
 
 __all__ = ["MAX_TRIES", "Pipeline"]
+
+
+def _run(fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]:
+    """Call ``fn`` and hand back its result or its exception (so one failure does not hide the others)."""
+    try:
+        return fn(*args), None
+    except Exception as exc:
+        return None, exc
+
 
 log = logging.getLogger("nightshift.pipeline")
 
@@ -40,8 +51,12 @@ MAX_TRIES = 3
 class Pipeline:
     """The science applied to the archive: ingest files, build masters, calibrate, grade, align and stack."""
 
-    def __init__(self, config: Config, archive: Archive, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, archive: Archive, metrics: Metrics | None = None, *, workers: int = 1) -> None:
+        """``workers`` > 1 reads, hashes and calibrates that many files at once on threads (numpy, FITS I/O,
+        hashing and PNG encoding release the GIL); the archive is only ever touched from the calling thread."""
         self.config = config
+        self.workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="worker") if self.workers > 1 else None
         self.archive = archive
         self.metrics = metrics or Metrics()
         self.layout = Layout(archive.root)
@@ -49,6 +64,7 @@ class Pipeline:
         self.layout.sweep_temp_files()
         self.masters = MasterCache(archive.root)
         self.live_stacks: dict[int, LiveStack] = {}
+        self.stack_previews: dict[int, float] = {}  # stack id -> when its picture was last drawn (monotonic)
         self.masters_changed = True  # retry pending lights once at start
         self._ended: set[str] | None = set()  # nights being closed by end_night (None: every night)
         self._said: set[str] = set()
@@ -147,23 +163,19 @@ class Pipeline:
             with self._guard("master", s.new_frames):
                 if build_master(self, s, why) is not None:
                     return True
-        light = self.archive.one(
-            "SELECT * FROM frames WHERE kind = 'light' AND status = 'ingested' ORDER BY date_obs, id LIMIT 1"
+        lights = self.archive.query(
+            "SELECT * FROM frames WHERE kind = 'light' AND status = 'ingested' ORDER BY date_obs, id LIMIT ?",
+            [4 * self.workers],
         )
-        if light is not None:
-            with self._guard("calibrate", [light]):
-                calibrate_light(self, light)
-                return True
+        if lights:
+            self.calibrate_lights(lights)
             return True
         if self.masters_changed:
             self.masters_changed = False
-            did = False
-            for light in self.archive.query(
+            pending = self.archive.query(
                 "SELECT * FROM frames WHERE kind = 'light' AND status = 'pending' ORDER BY date_obs, id"
-            ):
-                with self._guard("calibrate", [light]):
-                    did |= calibrate_light(self, light)
-            if did:
+            )
+            if self.calibrate_lights(pending):
                 return True
         light = self.archive.one(
             "SELECT * FROM frames WHERE kind = 'light' AND status = 'calibrated' ORDER BY date_obs, id LIMIT 1"
@@ -177,6 +189,66 @@ class Pipeline:
                 finalize_stack(self, stack)
             return True
         return False
+
+    def calibrate_lights(self, lights: list[dict[str, Any]]) -> int:
+        """Calibrate the lights whose masters exist (on the workers, if any); returns how many were calibrated."""
+        planned = []
+        for light in lights:
+            with self._guard("calibrate", [light]):
+                choice = plan_light(self, light)
+                if choice is not None:
+                    planned.append((light, choice))
+        if self._pool is None or len(planned) < 2:
+            results = [(light, choice, _run(compute_light, self, light, choice)) for light, choice in planned]
+        else:
+            futures = [
+                (light, choice, self._pool.submit(_run, compute_light, self, light, choice))
+                for light, choice in planned
+            ]
+            results = [(light, choice, f.result()) for light, choice, f in futures]
+        done = 0
+        for light, choice, (value, error) in results:
+            with self._guard("calibrate", [light]):
+                if isinstance(error, CalibrationError):
+                    refuse_light(self, light, error)
+                elif error is not None:
+                    raise error
+                else:
+                    record_light(self, light, choice, *value)
+                    done += 1
+        return done
+
+    def ingest_many(self, paths: list[Path], *, progress: Callable[[], None] | None = None) -> None:
+        """Ingest files in order, reading and hashing them on the workers."""
+        todo = []
+        for path in paths:
+            path = Path(path).absolute()
+            found = settled(self, path)
+            if found is not None:
+                todo.append((path, found))
+        if self._pool is None:
+            examined = (_run(self._examine, path, *found) for path, found in todo)
+        else:
+            examined = (
+                f.result() for f in [self._pool.submit(_run, self._examine, path, *found) for path, found in todo]
+            )
+        for (path, _found), (ex, error) in zip(todo, examined, strict=True):
+            if error is not None:
+                log.error("reading %s failed: %s", path, error)
+                self.metrics.stage_errors.labels(stage="ingest").inc()
+                quarantine(self, {"path": str(path)}, FrameError("processing_error", f"ingest failed: {error}"))
+            else:
+                record(self, ex)
+            if progress is not None:
+                progress()
+
+    def _examine(self, path: Path, size: int, mtime: float) -> Examined:
+        with self.metrics.stage("ingest"):
+            return examine(path, size, mtime, self.classify_options)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def run_until_idle(self, *, progress: Callable[[], None] | None = None) -> int:
         steps = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["finalize_stack", "grade_and_stack", "quiet_stacks"]
 
+#: A live stack's picture is redrawn at most this often (the FITS file is rewritten with every frame).
+STACK_PREVIEW_SECONDS = 60.0
 #: A frame this many times better than the current alignment reference becomes the reference.
 REBASE_FACTOR = 1.5
 
@@ -168,10 +171,13 @@ def _stack_header(p: Pipeline, stack: dict[str, Any], members: list[dict[str, An
 def _write_stack(p: Pipeline, stack: dict[str, Any], image: Image, members: list[dict[str, Any]], final: bool) -> None:
     path = p.layout.root / stack["path"]
     write_fits_atomic(path, image)
-    with p.metrics.stage("preview"):
-        preview = p.layout.stack_preview(stack["night"], stack["object"], stack["filter"], stack["exptime"])
-        title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(members)}"
-        write_bytes_atomic(preview, preview_png(image.data, mask=image.mask, title=title))
+    preview = p.layout.stack_preview(stack["night"], stack["object"], stack["filter"], stack["exptime"])
+    last = p.stack_previews.get(stack["id"])
+    if final or last is None or time.monotonic() - last >= STACK_PREVIEW_SECONDS or not preview.exists():
+        with p.metrics.stage("preview"):
+            title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(members)}"
+            write_bytes_atomic(preview, preview_png(image.data, mask=image.mask, title=title))
+        p.stack_previews[stack["id"]] = time.monotonic()
     ids = [m["id"] for m in members]
     with p.archive.transaction():
         p.archive.execute("DELETE FROM stack_frames WHERE stack_id = ?", [stack["id"]])

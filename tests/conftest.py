@@ -73,10 +73,14 @@ def write_config_file(path: Path, camera: Path, archive_dir: Path, **sections: d
     return path
 
 
-def reduce_night(camera: Path, archive_dir: Path, **sections: dict[str, Any]) -> Archive:
+def reduce_night(camera: Path, archive_dir: Path, *, workers: int = 1, **sections: dict[str, Any]) -> Archive:
     cfg = make_config(camera, archive_dir, **sections)
     archive = Archive(archive_dir)
-    reduce_folders(Pipeline(cfg, archive), [camera], show_progress=False)
+    pipeline = Pipeline(cfg, archive, workers=workers)
+    try:
+        reduce_folders(pipeline, [camera], show_progress=False)
+    finally:
+        pipeline.close()
     return archive
 
 
@@ -90,9 +94,9 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> tuple[NightPlan, Path]:
 
 @pytest.fixture(scope="session")
 def reduced(night: tuple[NightPlan, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    """That night reduced once by ``reduce_folders`` (what ``nightshift reduce`` runs)."""
+    """That night reduced once by ``reduce_folders`` with two workers (what ``nightshift reduce`` runs)."""
     _plan, camera = night
-    archive = reduce_night(camera, tmp_path_factory.mktemp("reduced") / "archive")
+    archive = reduce_night(camera, tmp_path_factory.mktemp("reduced") / "archive", workers=2)
     yield archive
     archive.close()
 

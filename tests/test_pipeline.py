@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 from astropy.io import fits
 from conftest import make_config, reduce_night
 
@@ -342,3 +343,19 @@ def test_an_incomplete_file_is_quarantined_once_and_again_only_if_it_changes(tmp
     pipe.ingest(cut)
     assert archive.frame_by_path(str(cut))["status"] == "ingested"
     archive.close()
+
+
+def test_workers_give_the_same_archive_as_one(night, reduced: Archive, tmp_path: Path) -> None:
+    """``reduced`` ran with two worker threads; one worker must give the same decisions and the same pixels."""
+    _plan, camera = night
+    serial = reduce_night(camera, tmp_path / "archive", workers=1)
+    cols = "path, kind, status, reason, bias_id, dark_id, flat_id, dark_scale, stack_id IS NOT NULL AS stacked"
+    assert serial.query(f"SELECT {cols} FROM frames ORDER BY path") == reduced.query(
+        f"SELECT {cols} FROM frames ORDER BY path"
+    )
+    for row in serial.query("SELECT path, calibrated_path FROM frames WHERE calibrated_path IS NOT NULL"):
+        other = reduced.frame_by_path(row["path"])
+        a = fits.getdata(serial.root / row["calibrated_path"])
+        b = fits.getdata(reduced.root / other["calibrated_path"])
+        assert np.array_equal(a, b, equal_nan=True)
+    serial.close()
