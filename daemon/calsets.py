@@ -33,7 +33,7 @@ from service.safepath import safe_component
 if TYPE_CHECKING:
     from daemon.pipeline import Pipeline
 
-__all__ = ["CalSet", "build_master", "ready_sets"]
+__all__ = ["CalSet", "MasterPlan", "compute_master", "plan_master", "ready_sets", "record_master"]
 
 log = logging.getLogger("nightshift.masters")
 
@@ -163,43 +163,62 @@ def _load(p: Pipeline, master: dict[str, Any] | None) -> Image | None:
     return None if master is None else p.masters.get(master)
 
 
-def build_master(p: Pipeline, s: CalSet, why: str) -> int | None:
-    """Build (or rebuild) the master of ``s``. Returns the master id, or None when it must wait."""
+@dataclass
+class MasterPlan:
+    """Everything decided about one master before its pixels are combined (made on the archive's thread)."""
+
+    calset: CalSet
+    why: str
+    version: int
+    path: Path
+    bias: dict[str, Any] | None = None
+    dark: dict[str, Any] | None = None
+    darkflat: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_master(p: Pipeline, s: CalSet, why: str) -> MasterPlan | None:
+    """Which masters the new master of ``s`` needs, its version and path; None when it must wait for a bias."""
     cfg = p.config.calibration
     first = s.first
-    bias = dark = darkflat = None
-    notes: list[str] = [f"complete: {why}"]
+    version = 1 + (p.archive.scalar("SELECT MAX(version) FROM masters WHERE set_key = ?", [s.key]) or 0)
+    plan = MasterPlan(s, why, version, p.layout.master(s.kind, s.slug, first["night"], version))
+    plan.notes.append(f"complete: {why}")
     if s.kind in ("dark", "darkflat", "flat"):
-        bias = find_master(p.archive, cfg, "bias", first)
-        if bias is None and not p.night_ended(first["night"]):
+        plan.bias = find_master(p.archive, cfg, "bias", first)
+        if plan.bias is None and not p.night_ended(first["night"]):
             p.note_waiting_set(s, f"waiting for a master bias to subtract from the {s.kind}s")
             return None
-        notes.append(f"bias: master #{bias['id']}" if bias else "no master bias: built without bias subtraction")
+        plan.notes.append(
+            f"bias: master #{plan.bias['id']}" if plan.bias else "no master bias: built without bias subtraction"
+        )
     if s.kind == "flat":
-        darkflat = find_master(p.archive, cfg, "darkflat", first, exptime=first["exptime"])
-        if darkflat is None:
-            dark = find_master(p.archive, cfg, "dark", first, exptime=first["exptime"])
-        if darkflat is not None:
-            notes.append(f"darkflat: master #{darkflat['id']}")
-        elif dark is not None:
-            notes.append(f"dark: master #{dark['id']} (same exposure)")
+        plan.darkflat = find_master(p.archive, cfg, "darkflat", first, exptime=first["exptime"])
+        if plan.darkflat is None:
+            plan.dark = find_master(p.archive, cfg, "dark", first, exptime=first["exptime"])
+        if plan.darkflat is not None:
+            plan.notes.append(f"darkflat: master #{plan.darkflat['id']}")
+        elif plan.dark is not None:
+            plan.notes.append(f"dark: master #{plan.dark['id']} (same exposure)")
+    return plan
+
+
+def compute_master(p: Pipeline, plan: MasterPlan) -> tuple[str, str, bool]:
+    """Combine the frames, write the master atomically; returns (sha256, method, has a mask). No database."""
+    cfg = p.config.calibration
+    s = plan.calset
     paths = [Path(f["path"]) for f in s.frames]
     inputs = [f"{Path(f['path']).name} sha256:{(f['sha256'] or '')[:16]}" for f in s.frames]
     mem = int(cfg.mem_limit_mb * 2**20)
     with p.metrics.stage("master"):
-        bias_img, dark_img, darkflat_img = _load(p, bias), _load(p, dark), _load(p, darkflat)
+        bias_img, dark_img, darkflat_img = _load(p, plan.bias), _load(p, plan.dark), _load(p, plan.darkflat)
         if s.kind == "bias":
             img = make_master_bias(paths, inputs_note=inputs, sigma=cfg.sigma, mem_limit_bytes=mem)
             method = f"sigclip-average {cfg.sigma:g}"
         elif s.kind in ("dark", "darkflat"):
             maker = make_master_dark if s.kind == "dark" else make_master_darkflat
             img = maker(
-                paths,
-                bias=bias_img,
-                method=cfg.dark_method,
-                sigma=cfg.sigma,
-                inputs_note=inputs,
-                mem_limit_bytes=mem,
+                paths, bias=bias_img, method=cfg.dark_method, sigma=cfg.sigma, inputs_note=inputs, mem_limit_bytes=mem
             )
             method = f"bias-subtracted {cfg.dark_method}" if bias_img is not None else cfg.dark_method
             if s.kind == "dark":
@@ -217,21 +236,24 @@ def build_master(p: Pipeline, s: CalSet, why: str) -> int | None:
             )
             method = f"median-scaled {cfg.flat_method}, normalised to median 1"
             img.mask = bad_pixel_mask(flat=img, low=cfg.flat_low, high=cfg.flat_high)
-        version = 1 + (p.archive.scalar("SELECT MAX(version) FROM masters WHERE set_key = ?", [s.key]) or 0)
-        path = p.layout.master(s.kind, s.slug, first["night"], version)
-        img.header["MASTERV"] = (version, "nightshift master version for this calibration set")
-        write_fits_atomic(path, img)
-    sha = sha256_file(path)
+        img.header["MASTERV"] = (plan.version, "nightshift master version for this calibration set")
+        write_fits_atomic(plan.path, img)
+    return sha256_file(plan.path), method, img.mask is not None
+
+
+def record_master(p: Pipeline, plan: MasterPlan, sha: str, method: str, has_mask: bool) -> int:
+    """The master's row, its links to its frames, the older version superseded, the frames used: all at once."""
+    s, first = plan.calset, plan.calset.first
     dates = sorted(f["date_obs"] for f in s.frames)
     temps = [f["ccd_temp"] for f in s.frames if f.get("ccd_temp") is not None]
     row = {
         "kind": s.kind,
-        "path": p.layout.relative(path),
+        "path": p.layout.relative(plan.path),
         "sha256": sha,
         "mask_path": None,
         "n_frames": len(s.frames),
         "set_key": s.key,
-        "version": version,
+        "version": plan.version,
         "superseded_by": None,
         "night": first["night"],
         "date_obs": dates[len(dates) // 2],
@@ -240,13 +262,13 @@ def build_master(p: Pipeline, s: CalSet, why: str) -> int | None:
         "filter": first.get("filter") if s.kind == "flat" else None,
         "exptime": first["exptime"] if s.kind in ("dark", "darkflat", "flat") else 0.0,
         "method": method,
-        "bias_subtracted": int(s.kind in ("dark", "darkflat", "flat") and bias is not None),
-        "bias_id": bias["id"] if bias else None,
-        "dark_id": (darkflat or dark or {}).get("id"),
-        "note": "; ".join(notes),
+        "bias_subtracted": int(s.kind in ("dark", "darkflat", "flat") and plan.bias is not None),
+        "bias_id": plan.bias["id"] if plan.bias else None,
+        "dark_id": (plan.darkflat or plan.dark or {}).get("id"),
+        "note": "; ".join(plan.notes),
         "created_at": now_iso(),
     }
-    if img.mask is not None:
+    if has_mask:
         row["mask_path"] = row["path"] + "[MASK]"
     for k in SETUP_KEYS:
         row[k] = first.get(k)
@@ -266,15 +288,8 @@ def build_master(p: Pipeline, s: CalSet, why: str) -> int | None:
         p.archive.execute(
             f"UPDATE frames SET status = 'used', reason = NULL, updated_at = ? WHERE id IN ({marks})", [now_iso(), *ids]
         )
-    p.archive.event("master", f"built v{version}", row["note"], master_id=master_id)
+    p.archive.event("master", f"built v{plan.version}", row["note"], master_id=master_id)
     p.metrics.masters_built.labels(kind=s.kind).inc()
     p.masters_changed = True
-    log.info(
-        "built master %s v%d from %d frames (%s): %s",
-        s.kind,
-        version,
-        len(s.frames),
-        why,
-        p.layout.relative(path),
-    )
+    log.info("built master %s v%d from %d frames (%s): %s", s.kind, plan.version, len(s.frames), plan.why, row["path"])
     return master_id

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 from daemon.archive import Archive
 from daemon.calibrating import MasterCache, compute_light, plan_light, record_light, refuse_light
-from daemon.calsets import CalSet, build_master, ready_sets
+from daemon.calsets import CAL_KINDS, CalSet, compute_master, plan_master, ready_sets, record_master
 from daemon.config import Config
 from daemon.intake import Examined, examine, ingest_file, quarantine, record, settled
 from daemon.metrics import Metrics
@@ -159,10 +159,8 @@ class Pipeline:
 
     def work(self) -> bool:
         """Do the next unit of work; False when there was nothing to do."""
-        for s, why in ready_sets(self):
-            with self._guard("master", s.new_frames):
-                if build_master(self, s, why) is not None:
-                    return True
+        if self.build_masters():
+            return True
         lights = self.archive.query(
             "SELECT * FROM frames WHERE kind = 'light' AND status = 'ingested' ORDER BY date_obs, id LIMIT ?",
             [4 * self.workers],
@@ -190,6 +188,37 @@ class Pipeline:
             return True
         return False
 
+    def build_masters(self) -> int:
+        """Build the masters of the complete sets of the first kind that can be built now (bias, then
+        darkflats, darks, flats: later kinds use earlier ones), on the workers if any; returns how many."""
+        ready = list(ready_sets(self))
+        for kind in CAL_KINDS:
+            plans = []
+            for s, why in ready:
+                if s.kind == kind:
+                    with self._guard("master", s.new_frames):
+                        plan = plan_master(self, s, why)
+                        if plan is not None:
+                            plans.append(plan)
+            if plans:
+                results = self._map(compute_master, plans)
+                done = 0
+                for plan, (value, error) in zip(plans, results, strict=True):
+                    with self._guard("master", plan.calset.new_frames):
+                        if error is not None:
+                            raise error
+                        record_master(self, plan, *value)
+                        done += 1
+                return done
+        return 0
+
+    def _map(self, fn: Callable[..., Any], items: list[Any]) -> list[tuple[Any, Exception | None]]:
+        """``fn(self, item)`` for each item, on the workers when there are several; results in order."""
+        if self._pool is None or len(items) < 2:
+            return [_run(fn, self, item) for item in items]
+        futures = [self._pool.submit(_run, fn, self, item) for item in items]
+        return [f.result() for f in futures]
+
     def calibrate_lights(self, lights: list[dict[str, Any]]) -> int:
         """Calibrate the lights whose masters exist (on the workers, if any); returns how many were calibrated."""
         planned = []
@@ -198,16 +227,9 @@ class Pipeline:
                 choice = plan_light(self, light)
                 if choice is not None:
                     planned.append((light, choice))
-        if self._pool is None or len(planned) < 2:
-            results = [(light, choice, _run(compute_light, self, light, choice)) for light, choice in planned]
-        else:
-            futures = [
-                (light, choice, self._pool.submit(_run, compute_light, self, light, choice))
-                for light, choice in planned
-            ]
-            results = [(light, choice, f.result()) for light, choice, f in futures]
+        results = self._map(lambda p, item: compute_light(p, *item), planned)
         done = 0
-        for light, choice, (value, error) in results:
+        for (light, choice), (value, error) in zip(planned, results, strict=True):
             with self._guard("calibrate", [light]):
                 if isinstance(error, CalibrationError):
                     refuse_light(self, light, error)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,9 @@ def test_nightshift_figures_are_sane(bench: tuple[dict, dict, Path]) -> None:
         assert _positive(v["sum_s"])
     for key in ("total_s", "calibration_only_s", "calibration_wall_s", "fps", "peak_rss_mb"):
         assert _positive(ns[key]), key
-    assert ns["calibration_only_s"] <= ns["calibration_wall_s"] <= ns["total_s"]
+    # with worker threads, stage sums may exceed the wall time they overlap in
+    assert ns["calibration_wall_s"] <= ns["total_s"]
+    assert ns["calibration_only_s"] <= 2 * ns["calibration_wall_s"] * (os.cpu_count() or 1)
     assert sum(ns["lights_by_status"].values()) == 8
     assert ns["lights_by_status"].get("stacked", 0) >= 6  # one cloudy frame may be rejected
 
