@@ -155,7 +155,7 @@ def side_by_side_png(
     raw: np.ndarray,
     calibrated: np.ndarray,
     *,
-    max_width: int = 1600,
+    max_width: int = 1200,
     mask: np.ndarray | None = None,
     method: str = "zscale",
 ) -> bytes:

@@ -22,6 +22,7 @@ from astropy.io import fits
 from astropy.stats import mad_std, sigma_clip
 from astropy.utils.exceptions import AstropyUserWarning
 
+from service.combine import BAND_BYTES
 from service.frame import Image
 
 __all__ = ["LiveStack", "final_combine"]
@@ -282,7 +283,7 @@ def final_combine(
         if match_background:
             offsets = (levels - np.median(levels)).astype(np.float32)
 
-        band = max(1, min(height, int(mem_limit_bytes // (n * width * _BYTES_PER_SAMPLE))))
+        band = max(1, min(height, int(min(mem_limit_bytes, BAND_BYTES) // (n * width * _BYTES_PER_SAMPLE))))
         cube = np.empty((n, band, width), dtype=np.float32)
         result = np.empty(shape, dtype=np.float32)
         counts = np.empty(shape, dtype=np.int32)
