@@ -296,3 +296,26 @@ def test_systemd_notify_protocol_from_the_real_daemon(tmp_path: Path, start_nigh
         pass
     assert any("STOPPING=1" in m for m in tail), tail
     sock.close()
+
+
+def test_several_watch_folders_from_the_command_line(tmp_path: Path, start_nightshift) -> None:
+    cam1, cam2, archive_dir = tmp_path / "cam1", tmp_path / "cam2", tmp_path / "archive"
+    cam1.mkdir()
+    cam2.mkdir()
+    cfg = write_config_file(tmp_path / "n.toml", tmp_path / "elsewhere", archive_dir)
+    (tmp_path / "elsewhere").mkdir()
+    proc = start_nightshift("run", "--config", str(cfg), "--watch", str(cam1), "--watch", str(cam2),
+                            "--archive", str(archive_dir), "--metrics", "off")
+    proc.wait_for_log("watching")
+    plan = plan_night(SimConfig(size=128, n_bias=2, n_dark=0, n_flat=0, n_light=0, dark_exptimes=(),
+                                light_exptimes=(), filters=()))
+    write_frame(plan, plan.frames[0], cam1 / "night" / "deep")
+    write_frame(plan, plan.frames[1], cam2)
+    wait_until(lambda: _count(archive_dir) == 2, 30, "a frame from each folder")
+    a = _db(archive_dir)
+    try:
+        paths = sorted(r["path"] for r in a.query("SELECT path FROM frames"))
+    finally:
+        a.close()
+    assert paths[0].startswith(str(cam1)) and paths[1].startswith(str(cam2))
+    assert proc.stop() == 0
