@@ -151,3 +151,26 @@ def test_log_format_json_gives_one_object_per_line(tmp_path: Path) -> None:
     for line in lines:
         entry = json.loads(line)
         assert {"time", "level", "logger", "message"} <= set(entry)
+
+
+def test_readme_tells_every_command_config_key_and_table() -> None:
+    """The README is a contract: every command, every configuration key and every archive table is in it."""
+    readme = (REPO / "README.md").read_text()
+    for command in COMMANDS:
+        assert f"nightshift {command}" in readme, command
+    for section, fields in asdict(Config()).items():
+        if section == "source":
+            continue
+        assert f"[{section}]" in readme, section
+        for key in fields:
+            assert f"`{key}`" in readme, f"[{section}] {key}"
+    from daemon.archive import FRAME_STATUSES, migrations
+
+    for status in FRAME_STATUSES:
+        assert f"`{status}`" in readme, status
+    for table in ("frames", "masters", "master_frames", "stacks", "stack_frames", "events", "frame_sources"):
+        assert f"**`{table}`**" in readme, table
+    import sqlite_utils
+
+    names = [m.name for m in migrations.pending(sqlite_utils.Database(memory=True))]
+    assert names and all(f"`{name}`" in readme for name in names), "every migration is noted in the README"
