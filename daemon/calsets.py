@@ -148,9 +148,7 @@ def ready_sets(p: Pipeline) -> Iterator[tuple[CalSet, str]]:
         last = max(f["id"] for f in s.frames)
         if end_of_night:
             why = "end of the night"
-        elif newest_id > last and p.archive.scalar(
-            "SELECT COUNT(*) FROM frames WHERE id > ? AND status != 'quarantined'", [last]
-        ):
+        elif newest_id > last:
             why = "a frame of another set arrived"
         elif _age_seconds(max(f["first_seen"] for f in s.frames)) >= cfg.set_quiet_seconds:
             why = f"no new frame for {cfg.set_quiet_seconds:g} s"
