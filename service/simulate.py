@@ -73,6 +73,8 @@ ROW_PATTERN = 1.0  # ADU rms of the fixed row pattern
 PIXEL_SIZE_UM = 5.4
 FOCAL_LENGTH_MM = 1600.0
 
+#: Capture programs that plate-solve each light and write a WCS into it.
+PLATE_SOLVED = ("nina", "asiair", "sharpcap")
 #: Capture programs whose header words the simulator writes; "mixed" cycles through them frame by frame.
 DIALECTS = ("maxim", "nina", "ekos", "sharpcap", "sgp", "apt", "asiair", "iraf")
 
@@ -478,8 +480,31 @@ class NightPlan:
         return raw.astype(np.uint16)
 
     def header(self, frame: SimFrame) -> fits.Header:
-        """The header the frame's capture program writes (no structural cards: astropy adds those)."""
-        return _dialect_header(frame, self.config)
+        """The header the frame's capture program writes (no structural cards: astropy adds those).
+
+        Lights of the programs that plate-solve as they capture (N.I.N.A., ASIAIR, SharpCap) carry a TAN WCS
+        that matches where the frame's stars really are (offset, rotation, meridian flip included)."""
+        hdr = _dialect_header(frame, self.config)
+        if frame.kind == "light" and frame.dialect in PLATE_SOLVED and frame.object is not None:
+            hdr.update(self.wcs(frame))
+        return hdr
+
+    def wcs(self, frame: SimFrame) -> fits.Header:
+        """A TAN WCS for a light: the object's reference pointing (north up, east left) moved by the frame's
+        transform, so that sky positions of the stars agree between frames."""
+        cx, cy = self.centre
+        m = self.transform(frame)
+        scale = math.degrees(PIXEL_SIZE_UM * 1e-3 / FOCAL_LENGTH_MM)  # deg per pixel
+        cd = np.array([[-scale, 0.0], [0.0, scale]]) @ np.linalg.inv(m[:2, :2])
+        crpix = m @ np.array([cx, cy, 1.0])
+        ra, dec = _coords(frame.object)
+        cards = fits.Header()
+        cards["CTYPE1"], cards["CTYPE2"] = "RA---TAN", "DEC--TAN"
+        cards["CRVAL1"], cards["CRVAL2"] = round(ra, 8), round(dec, 8)
+        cards["CRPIX1"], cards["CRPIX2"] = round(float(crpix[0]) + 1.0, 4), round(float(crpix[1]) + 1.0, 4)
+        for (i, j), value in np.ndenumerate(cd):
+            cards[f"CD{i + 1}_{j + 1}"] = float(value)
+        return cards
 
     def frame_bytes(self, frame: SimFrame) -> bytes:
         """The exact bytes of the file, broken or not."""

@@ -359,3 +359,22 @@ def test_workers_give_the_same_archive_as_one(night, reduced: Archive, tmp_path:
         b = fits.getdata(reduced.root / other["calibrated_path"])
         assert np.array_equal(a, b, equal_nan=True)
     serial.close()
+
+
+def test_calibrated_lights_and_stacks_keep_the_world_coordinates(tmp_path: Path) -> None:
+    """Plate-solved lights (N.I.N.A. writes a WCS) keep it when calibrated; a stack carries its reference's."""
+    camera = tmp_path / "camera"
+    simulate_night(camera, SimConfig(size=384, n_light=3, cloudy=0, dialect="nina", filters=("V",),
+                                     light_exptimes=(300.0,), dark_exptimes=(300.0,)))
+    archive = reduce_night(camera, tmp_path / "archive")
+    wcs_keys = ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2")
+    for r in _lights(archive):
+        raw = fits.getheader(r["path"])
+        cal = fits.getheader(archive.root / r["calibrated_path"])
+        assert {k: cal[k] for k in wcs_keys} == {k: raw[k] for k in wcs_keys}
+    stack = archive.one("SELECT * FROM stacks")
+    ref = archive.frame(stack["reference_frame_id"])
+    stacked = fits.getheader(archive.root / stack["path"])
+    ref_raw = fits.getheader(ref["path"])
+    assert {k: stacked[k] for k in wcs_keys} == {k: ref_raw[k] for k in wcs_keys}
+    archive.close()
