@@ -47,9 +47,14 @@ def plan512() -> NightPlan:
 
 
 def _raw_cards(path: Path) -> dict[str, str]:
-    """The first header block's cards as raw text, without astropy's interpretation."""
-    block = path.read_bytes()[:2880].decode("ascii")
-    cards = [block[i : i + 80] for i in range(0, 2880, 80)]
+    """The primary header's cards (every block up to END) as raw text, without astropy's interpretation."""
+    raw = path.read_bytes()
+    cards: list[str] = []
+    for i in range(0, len(raw), 80):
+        card = raw[i : i + 80].decode("ascii")
+        if card.startswith("END "):
+            break
+        cards.append(card)
     return {c[:8].strip(): c[10:].split(" /")[0].strip() for c in cards if c[8:10] == "= "}
 
 
