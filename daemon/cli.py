@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="files read, hashed and calibrated at once (default: the number of cores)",
+        help="files read, hashed, combined and calibrated at once (default: the number of cores)",
     )
 
     p = sub.add_parser("status", help="what the archive holds: counts, queue, last frame")

@@ -101,6 +101,11 @@ class StackingConfig:
 
 
 @dataclass
+class ProcessingConfig:
+    workers: int = 1
+
+
+@dataclass
 class MetricsConfig:
     listen: str = "127.0.0.1:9810"
 
@@ -120,6 +125,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     grading: GradingConfig = field(default_factory=GradingConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
+    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "defaults"  # where it was read from, for messages
@@ -259,6 +265,8 @@ def _validate(cfg: Config) -> None:
             raise _expect(f"[calibration] {key}", "a number > 0", getattr(c, key))
     if cfg.stacking.sigma <= 0 or cfg.stacking.mem_limit_mb <= 0:
         raise _expect("[stacking] sigma / mem_limit_mb", "numbers > 0", (cfg.stacking.sigma, cfg.stacking.mem_limit_mb))
+    if not 1 <= cfg.processing.workers <= 64:
+        raise _expect("[processing] workers", "a whole number from 1 to 64", cfg.processing.workers)
     parse_listen(cfg.metrics.listen)
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise _expect("[logging] level", "debug, info, warning or error", cfg.logging.level)

@@ -130,7 +130,7 @@ class Daemon:
         metrics = Metrics()
         metrics.watch_archive_free(root)
         listen = self.metrics_listen if self.metrics_listen is not None else self.config.metrics.listen
-        pipeline = Pipeline(self.config, archive, metrics)
+        pipeline = Pipeline(self.config, archive, metrics, workers=self.config.processing.workers)
         watcher = FolderWatcher(watch_options(self.config), known=archive.known)
         try:
             self.metrics_address = metrics.start_server(listen)
@@ -147,6 +147,7 @@ class Daemon:
         finally:
             self.notifier.stopping("stopping")
             watcher.stop()
+            pipeline.close()
             metrics.stop()
             archive.close()
             log.info("stopped; archive closed")

@@ -55,7 +55,9 @@ def test_daemon_processes_a_live_night_and_metrics_match_the_archive(tmp_path: P
     camera, archive_dir = tmp_path / "camera", tmp_path / "archive"
     camera.mkdir()
     port = _free_port()
-    cfg = write_config_file(tmp_path / "n.toml", camera, archive_dir, metrics={"listen": f"127.0.0.1:{port}"})
+    cfg = write_config_file(
+        tmp_path / "n.toml", camera, archive_dir, metrics={"listen": f"127.0.0.1:{port}"}, processing={"workers": 2}
+    )
     proc = start_nightshift("run", "--config", str(cfg))
     proc.wait_for_log("watching")
     plan = plan_night(
