@@ -30,6 +30,7 @@ import os
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -57,6 +58,11 @@ from service.frame import FrameError
 __all__ = ["FolderWatcher", "Incomplete", "Offer", "WatchOptions", "is_wanted"]
 
 log = logging.getLogger(__name__)
+
+# watchdog's inotify observer warns when a folder and its sub-folder are created in quick succession (a capture
+# program filing "<date>/<target>/LIGHT/"): it re-registers the same callback for the new watch and says so.
+# Nothing is lost; the warning is noise in the journal.
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
 #: Longest wait between two looks at a file that is quiet but not yet whole (events usually come sooner).
 MAX_RECHECK_SECONDS = 30.0
