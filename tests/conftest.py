@@ -101,6 +101,12 @@ def reduced(night: tuple[NightPlan, Path], tmp_path_factory: pytest.TempPathFact
     archive.close()
 
 
+def paths_of(night: tuple[NightPlan, Path], kind: str, **match: Any) -> list[Path]:
+    """Files of a simulated night (plan, folder) of one kind whose SimFrame fields equal ``match``."""
+    plan, folder = night
+    return [folder / f.name for f in plan.by_kind(kind) if all(getattr(f, k) == v for k, v in match.items())]
+
+
 class Proc:
     """A real ``nightshift`` process with its stderr captured to a file."""
 

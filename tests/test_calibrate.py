@@ -6,8 +6,6 @@ masters built once; each light is read from its file as the daemon reads it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import astropy.units as u
 import ccdproc
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 from astropy.io import fits
 from astropy.nddata import CCDData
 from astropy.stats import sigma_clipped_stats
+from conftest import paths_of
 
 from service.calibrate import (
     CalibrationError,
@@ -49,11 +48,6 @@ def night(tmp_path_factory):
         broken=False,
     )
     return simulate_night(folder, config), folder
-
-
-def paths_of(night, kind: str, **match) -> list[Path]:
-    plan, folder = night
-    return [folder / f.name for f in plan.by_kind(kind) if all(getattr(f, k) == v for k, v in match.items())]
 
 
 def light_of(night, exptime: float):

@@ -13,6 +13,7 @@ import ccdproc
 import numpy as np
 import pytest
 from astropy.io import fits
+from conftest import paths_of
 from scipy.ndimage import uniform_filter
 
 from service.calibrate import CalibrationError, calibrate, dark_scale
@@ -51,11 +52,6 @@ def night(tmp_path_factory):
         broken=False,
     )
     return simulate_night(folder, config), folder
-
-
-def paths_of(night, kind: str, **match) -> list[Path]:
-    plan, folder = night
-    return [folder / f.name for f in plan.by_kind(kind) if all(getattr(f, k) == v for k, v in match.items())]
 
 
 def camera_file(path: Path, data: np.ndarray, header: fits.Header) -> Path:
