@@ -20,7 +20,7 @@ from service.inspect import inspect_frame
 if TYPE_CHECKING:
     from daemon.pipeline import Pipeline
 
-__all__ = ["Examined", "examine", "ingest_file", "quarantine", "record", "settled"]
+__all__ = ["Examined", "examine", "quarantine", "record", "settled"]
 
 log = logging.getLogger("nightshift.ingest")
 
@@ -131,14 +131,3 @@ def record(p: Pipeline, ex: Examined) -> int | None:
     p.note_newest_frame(ex.mtime)
     log.info("ingested %s: %s, night %s", spath, note, meta.night)
     return frame_id
-
-
-def ingest_file(p: Pipeline, path: Path, *, size: int | None = None, mtime: float | None = None) -> int | None:
-    """Ingest ``path`` once. Returns the frame id, or None when the file was already recorded unchanged."""
-    path = Path(path).absolute()
-    found = settled(p, path, size, mtime)
-    if found is None:
-        return None
-    with p.metrics.stage("ingest"):
-        ex = examine(path, *found, p.classify_options)
-    return record(p, ex)

@@ -22,7 +22,7 @@ from daemon.archive import Archive
 from daemon.calibrating import MasterCache, compute_light, plan_light, record_light, refuse_light
 from daemon.calsets import CAL_KINDS, CalSet, compute_master, plan_master, ready_sets, record_master
 from daemon.config import Config
-from daemon.intake import Examined, examine, ingest_file, quarantine, record, settled
+from daemon.intake import Examined, examine, quarantine, record, settled
 from daemon.metrics import Metrics
 from daemon.products import Layout
 from daemon.stacking import finalize_stack, grade_and_stack, quiet_stacks
@@ -86,16 +86,20 @@ class Pipeline:
     # -- intake ---------------------------------------------------------------------------------------------------
     def ingest(self, path: Path, *, size: int | None = None, mtime: float | None = None) -> int | None:
         """Take one settled file into the archive (never raises for bad input)."""
+        path = Path(path).absolute()
         try:
-            return ingest_file(self, path, size=size, mtime=mtime)
-        except Exception as exc:  # a bug or an I/O failure: record it against the file, keep going
-            log.exception("ingest of %s failed", path)
-            self.metrics.stage_errors.labels(stage="ingest").inc()
-            return quarantine(
-                self,
-                {"path": str(Path(path).absolute())},
-                FrameError("processing_error", f"ingest failed: {type(exc).__name__}: {exc}"),
-            )
+            found = settled(self, path, size, mtime)
+            return None if found is None else record(self, self._examine(path, *found))
+        except Exception as exc:
+            return self._ingest_failed(path, exc)
+
+    def _ingest_failed(self, path: Path, exc: BaseException) -> int:
+        """A bug or an I/O failure while taking ``path`` in: recorded against the file; the night goes on."""
+        log.error("ingest of %s failed", path, exc_info=exc)
+        self.metrics.stage_errors.labels(stage="ingest").inc()
+        return quarantine(
+            self, {"path": str(path)}, FrameError("processing_error", f"ingest failed: {type(exc).__name__}: {exc}")
+        )
 
     def quarantine_incomplete(self, path: Path, reason: str) -> None:
         """A file that never became a whole FITS file: kept aside, with its size and time so that a rescan
@@ -245,7 +249,11 @@ class Pipeline:
         todo = []
         for path in paths:
             path = Path(path).absolute()
-            found = settled(self, path)
+            try:
+                found = settled(self, path)
+            except Exception as exc:
+                self._ingest_failed(path, exc)
+                continue
             if found is not None:
                 todo.append((path, found))
         if self._pool is None:
@@ -255,12 +263,12 @@ class Pipeline:
                 f.result() for f in [self._pool.submit(_run, self._examine, path, *found) for path, found in todo]
             )
         for (path, _found), (ex, error) in zip(todo, examined, strict=True):
-            if error is not None:
-                log.error("reading %s failed: %s", path, error)
-                self.metrics.stage_errors.labels(stage="ingest").inc()
-                quarantine(self, {"path": str(path)}, FrameError("processing_error", f"ingest failed: {error}"))
-            else:
+            try:
+                if error is not None:
+                    raise error
                 record(self, ex)
+            except Exception as exc:
+                self._ingest_failed(path, exc)
             if progress is not None:
                 progress()
 
