@@ -27,13 +27,12 @@ def _child(kind: str, folder: Path, mem_mb: int) -> None:
     paths = sorted(folder.glob("*.fits"))
     t = time.perf_counter()
     if kind == "master":
-        from service.masters import make_master_bias
+        from nightshift.service.masters import make_master_bias
 
         img = make_master_bias(paths, mem_limit_bytes=mem_mb * 2**20)
     else:
         from astropy.io import fits
-
-        from service.stack import final_combine
+        from nightshift.service.stack import final_combine
 
         img = final_combine(paths, header=fits.Header(), mem_limit_bytes=mem_mb * 2**20)
     seconds = time.perf_counter() - t
@@ -65,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     import numpy as np
     from astropy.io import fits
-
-    from service.fitsio import write_fits_atomic
-    from service.frame import Image
-    from service.simulate import SimConfig, plan_night, write_frame
+    from nightshift.service.fitsio import write_fits_atomic
+    from nightshift.service.frame import Image
+    from nightshift.service.simulate import SimConfig, plan_night, write_frame
 
     work = Path(tempfile.mkdtemp(prefix="nightshift-mem-"))
     result: dict = {"size": args.size, "mem_limit_mb": args.mem_mb}

@@ -3,14 +3,14 @@
 One run simulates a night, then measures, each phase in its own process (so one phase's memory peak does not
 hide another's):
 
-- ``nightshift``: ``daemon.batch.reduce_folders`` on a fresh archive, exactly what ``nightshift reduce`` does
+- ``nightshift``: ``nightshift.daemon.batch.reduce_folders`` on a fresh archive, exactly what ``nightshift reduce`` does
   (ingest, masters, calibration, grading, alignment, live and final stacks, previews, the SQLite archive), with
   the per-stage times of its Prometheus histogram ``nightshift_stage_duration_seconds``;
 - ``baseline_calibrate``: the same calibration the plain way, with ``CCDData`` and ccdproc (the method of
   ``/work/shared/reference/ccd-reduction-notebook.txt``);
 - ``baseline_align``: the plain way of aligning and stacking: ``astroalign.register`` per frame, then average;
 - ``nightshift_align``: nightshift's own science for the same step in isolation (stars, transform, warp, add);
-- ``calibrate_one``: ``service.calibrate.calibrate`` on one light with masters already in memory;
+- ``calibrate_one``: ``nightshift.service.calibrate.calibrate`` on one light with masters already in memory;
 - ``daemon`` (``--daemon``): the real daemon (``nightshift run``) watching a folder that a writer fills frame by
   frame; the latency from a light's file being closed to its calibrated row in the archive.
 
@@ -108,7 +108,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 # -- the night -----------------------------------------------------------------------------------------------------
 def _sim_config(p: dict[str, Any]) -> Any:
-    from service.simulate import SimConfig
+    from nightshift.service.simulate import SimConfig
 
     n = p["calibrations"]
     return SimConfig(
@@ -124,7 +124,7 @@ def _sim_config(p: dict[str, Any]) -> Any:
 
 def phase_simulate(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     """Write the night to ``work/camera`` and a manifest of what each file truly is."""
-    from service.simulate import simulate_night
+    from nightshift.service.simulate import simulate_night
 
     camera = work / "camera"
     t0 = time.perf_counter()
@@ -177,11 +177,11 @@ def _save_profile(profiler: Any, path: Path) -> None:
 
 def phase_nightshift(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     """``nightshift reduce camera`` on a fresh archive, timed, with its stage histograms."""
-    from daemon.archive import Archive
-    from daemon.batch import reduce_folders
-    from daemon.config import load_config
-    from daemon.logs import setup_logging
-    from daemon.pipeline import Pipeline
+    from nightshift.daemon.archive import Archive
+    from nightshift.daemon.batch import reduce_folders
+    from nightshift.daemon.config import load_config
+    from nightshift.daemon.logs import setup_logging
+    from nightshift.daemon.pipeline import Pipeline
 
     root = work / "archive-reduce"
     shutil.rmtree(root, ignore_errors=True)
@@ -381,12 +381,11 @@ def phase_baseline_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
 def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     """service.grade (stars) + service.register + service.stack on nightshift's calibrated lights."""
     from astropy.io import fits
-
-    from daemon.archive import Archive
-    from service.fitsio import read_image, read_mask, write_fits_atomic
-    from service.grade import grade_frame
-    from service.register import AlignError, apply_transform, find_transform
-    from service.stack import LiveStack
+    from nightshift.daemon.archive import Archive
+    from nightshift.service.fitsio import read_image, read_mask, write_fits_atomic
+    from nightshift.service.grade import grade_frame
+    from nightshift.service.register import AlignError, apply_transform, find_transform
+    from nightshift.service.stack import LiveStack
 
     root = work / "archive-reduce"
     archive = Archive(root, create=False)
@@ -476,11 +475,10 @@ def phase_calibrate_one(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     import astropy.units as u
     import ccdproc
     from astropy.nddata import CCDData
-
-    from daemon.archive import Archive
-    from daemon.calibrating import MasterCache, _combined_mask
-    from service.calibrate import calibrate
-    from service.fitsio import read_image, write_fits_atomic
+    from nightshift.daemon.archive import Archive
+    from nightshift.daemon.calibrating import MasterCache, _combined_mask
+    from nightshift.service.calibrate import calibrate
+    from nightshift.service.fitsio import read_image, write_fits_atomic
 
     root = work / "archive-reduce"
     archive = Archive(root, create=False)
@@ -618,7 +616,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def phase_daemon(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     """``nightshift run`` on an empty folder; a writer writes calibrations, then lights one by one."""
-    from service.simulate import plan_night, write_frame
+    from nightshift.service.simulate import plan_night, write_frame
 
     camera = (work / "daemon-camera").absolute()
     root = (work / "archive-daemon").absolute()
@@ -644,7 +642,7 @@ def phase_daemon(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     argv = [
         sys.executable,
         "-c",
-        "import sys; from daemon.cli import main; sys.exit(main(sys.argv[1:]))",
+        "import sys; from nightshift.daemon.cli import main; sys.exit(main(sys.argv[1:]))",
         "run",
         "--config",
         str(config),

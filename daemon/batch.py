@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.archive import now_iso
-from daemon.pipeline import Pipeline
-from daemon.watcher import is_wanted
+from nightshift.daemon.archive import now_iso
+from nightshift.daemon.pipeline import Pipeline
+from nightshift.daemon.watcher import is_wanted
 
 __all__ = ["Progress", "reduce_folders", "reprocess", "scan_folder"]
 

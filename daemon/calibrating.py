@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from daemon.choose import Choice, choose_for_light
-from service.calibrate import CalibrationError, calibrate
-from service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
-from service.frame import Image
-from service.preview import side_by_side_png
+from nightshift.daemon.choose import Choice, choose_for_light
+from nightshift.service.calibrate import CalibrationError, calibrate
+from nightshift.service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
+from nightshift.service.frame import Image
+from nightshift.service.preview import side_by_side_png
 
 if TYPE_CHECKING:
-    from daemon.pipeline import Pipeline
+    from nightshift.daemon.pipeline import Pipeline
 
 __all__ = ["MasterCache", "calibrate_light", "compute_light", "plan_light", "record_light", "refuse_light"]
 

@@ -16,22 +16,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.archive import now_iso
-from daemon.choose import find_master
-from daemon.config import SETUP_KEYS
-from service.fitsio import sha256_file, write_fits_atomic
-from service.frame import Image
-from service.masters import (
+from nightshift.daemon.archive import now_iso
+from nightshift.daemon.choose import find_master
+from nightshift.daemon.config import SETUP_KEYS
+from nightshift.service.fitsio import sha256_file, write_fits_atomic
+from nightshift.service.frame import Image
+from nightshift.service.masters import (
     bad_pixel_mask,
     make_master_bias,
     make_master_dark,
     make_master_darkflat,
     make_master_flat,
 )
-from service.safepath import safe_component
+from nightshift.service.safepath import safe_component
 
 if TYPE_CHECKING:
-    from daemon.pipeline import Pipeline
+    from nightshift.daemon.pipeline import Pipeline
 
 __all__ = ["CalSet", "MasterPlan", "compute_master", "plan_master", "ready_sets", "record_master"]
 

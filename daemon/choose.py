@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.archive import Archive
-from daemon.config import CalibrationConfig
+from nightshift.daemon.archive import Archive
+from nightshift.daemon.config import CalibrationConfig
 
 __all__ = ["Choice", "choose_for_light", "find_master"]
 

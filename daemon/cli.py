@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Config, ConfigError, load_config
-from service.simulate import DIALECTS
+from nightshift.daemon.config import Config, ConfigError, load_config
+from nightshift.service.simulate import DIALECTS
 
 __all__ = ["main"]
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Observatory daemon: watches the camera folder, builds masters, calibrates, grades, "
         "aligns and stacks, and records every decision in a SQLite archive.",
     )
-    from service import __version__
+    from nightshift.service import __version__
 
     parser.add_argument("--version", action="version", version=f"nightshift {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -144,7 +144,7 @@ def _config(args: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = 
 
 
 def _sim_config(args: argparse.Namespace) -> Any:
-    from service.simulate import SimConfig
+    from nightshift.service.simulate import SimConfig
 
     n = args.calibrations
     return SimConfig(
@@ -164,7 +164,7 @@ def _sim_config(args: argparse.Namespace) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from daemon.logs import setup_logging
+    from nightshift.daemon.logs import setup_logging
 
     try:
         if args.command == "simulate":
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_simulate(args)
         if args.command == "demo":
             setup_logging(args.log_level, args.log_format or "text")
-            from daemon.demo import run_demo
+            from nightshift.daemon.demo import run_demo
 
             return run_demo(args)
         config = _config(args)
@@ -214,7 +214,7 @@ def _cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from daemon.runner import Daemon
+    from nightshift.daemon.runner import Daemon
 
     for folder in config.watch.paths:
         if not Path(folder).is_dir():
@@ -231,8 +231,8 @@ def _cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _open(config: Config, *, create: bool = True, workers: int = 1):
-    from daemon.archive import Archive
-    from daemon.pipeline import Pipeline
+    from nightshift.daemon.archive import Archive
+    from nightshift.daemon.pipeline import Pipeline
 
     archive = Archive(config.archive_path, create=create)
     return archive, Pipeline(config, archive, workers=workers)
@@ -254,7 +254,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_reduce(args: argparse.Namespace, config: Config) -> int:
-    from daemon.batch import reduce_folders
+    from nightshift.daemon.batch import reduce_folders
 
     archive, pipeline = _open(config, workers=max(1, args.workers))
     try:
@@ -314,7 +314,7 @@ _LISTINGS = {
 
 
 def _cmd_frames(args: argparse.Namespace, config: Config) -> int:
-    from daemon.archive import Archive
+    from nightshift.daemon.archive import Archive
 
     table, columns = _LISTINGS[args.command]
     where, params = [], []
@@ -358,7 +358,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def _cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
-    from daemon.batch import reprocess
+    from nightshift.daemon.batch import reprocess
 
     if not (args.night or args.object or args.frame is not None):
         print("nightshift: reprocess needs --night, --object or --frame", file=sys.stderr)
@@ -375,7 +375,7 @@ def _cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, config: Config) -> int:
-    from daemon.report import write_report
+    from nightshift.daemon.report import write_report
 
     archive, _pipeline = _open(config, create=False)
     try:
@@ -391,7 +391,7 @@ def _cmd_report(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from service.simulate import simulate_night
+    from nightshift.service.simulate import simulate_night
 
     plan = simulate_night(args.out, _sim_config(args), slow=args.slow, rename=args.rename)
     counts = plan.counts()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from service.frame import KINDS
-from service.grade import RejectRules
+from nightshift.service.frame import KINDS
+from nightshift.service.grade import RejectRules
 
 __all__ = ["SETUP_KEYS", "Config", "ConfigError", "load_config", "parse_listen"]
 
@@ -88,7 +88,7 @@ class CalibrationConfig:
 
 @dataclass
 class GradingConfig(RejectRules):
-    """The rejection rules (``service.grade.RejectRules``) plus the star detection threshold."""
+    """The rejection rules (``nightshift.service.grade.RejectRules``) plus the star detection threshold."""
 
     detect_threshold: float = 5.0
 

@@ -13,10 +13,10 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.archive import Archive
-from daemon.config import load_config
-from daemon.pipeline import Pipeline
-from daemon.runner import Daemon
+from nightshift.daemon.archive import Archive
+from nightshift.daemon.config import load_config
+from nightshift.daemon.pipeline import Pipeline
+from nightshift.daemon.runner import Daemon
 
 __all__ = ["run_demo"]
 
@@ -26,7 +26,7 @@ MARKER = ".nightshift-demo"
 
 
 def _camera(plan, camera: Path, done: threading.Event, stop: threading.Event) -> None:
-    from service.simulate import write_frame
+    from nightshift.service.simulate import write_frame
 
     try:
         for i, frame in enumerate(plan.frames):
@@ -39,7 +39,7 @@ def _camera(plan, camera: Path, done: threading.Event, stop: threading.Event) ->
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from daemon.cli import _print_summary, _sim_config
+    from nightshift.daemon.cli import _print_summary, _sim_config
 
     out = args.out.absolute()
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
@@ -50,7 +50,7 @@ def run_demo(args: argparse.Namespace) -> int:
     camera, archive_dir = out / "camera", out / "archive"
     camera.mkdir(parents=True)
     (out / MARKER).write_text("made by nightshift demo; camera/ and archive/ are replaced on each run\n")
-    from service.simulate import plan_night
+    from nightshift.service.simulate import plan_night
 
     sim = _sim_config(args)
     sim.broken = True
@@ -101,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
         summary = pipeline.summary()
         report = None
         try:
-            from daemon.report import write_report
+            from nightshift.daemon.report import write_report
 
             for night in sorted({r["night"] for r in archive.query("SELECT DISTINCT night FROM frames")} - {None}):
                 report = write_report(archive, night)

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.classify import ClassifyOptions
-from service.fitsio import sha256_file, write_bytes_atomic
-from service.frame import FrameError, FrameMeta
-from service.inspect import inspect_frame
+from nightshift.service.classify import ClassifyOptions
+from nightshift.service.fitsio import sha256_file, write_bytes_atomic
+from nightshift.service.frame import FrameError, FrameMeta
+from nightshift.service.inspect import inspect_frame
 
 if TYPE_CHECKING:
-    from daemon.pipeline import Pipeline
+    from nightshift.daemon.pipeline import Pipeline
 
 __all__ = ["Examined", "examine", "quarantine", "record", "settled"]
 

@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from nightshift.daemon.config import parse_listen
+from nightshift.service.frame import KINDS, QUARANTINE_REASONS
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -40,9 +42,6 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.metrics import MetricWrapperBase
-
-from daemon.config import parse_listen
-from service.frame import KINDS, QUARANTINE_REASONS
 
 __all__ = [
     "CATALOGUE",

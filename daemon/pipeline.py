@@ -18,18 +18,18 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from daemon.archive import Archive
-from daemon.calibrating import MasterCache, compute_light, plan_light, record_light, refuse_light
-from daemon.calsets import CAL_KINDS, CalSet, compute_master, plan_master, ready_sets, record_master
-from daemon.config import Config
-from daemon.intake import Examined, examine, quarantine, record, settled
-from daemon.metrics import Metrics
-from daemon.products import Layout
-from daemon.stacking import finalize_stack, grade_and_stack, quiet_stacks
-from service.calibrate import CalibrationError
-from service.classify import ClassifyOptions
-from service.frame import FrameError
-from service.stack import LiveStack
+from nightshift.daemon.archive import Archive
+from nightshift.daemon.calibrating import MasterCache, compute_light, plan_light, record_light, refuse_light
+from nightshift.daemon.calsets import CAL_KINDS, CalSet, compute_master, plan_master, ready_sets, record_master
+from nightshift.daemon.config import Config
+from nightshift.daemon.intake import Examined, examine, quarantine, record, settled
+from nightshift.daemon.metrics import Metrics
+from nightshift.daemon.products import Layout
+from nightshift.daemon.stacking import finalize_stack, grade_and_stack, quiet_stacks
+from nightshift.service.calibrate import CalibrationError
+from nightshift.service.classify import ClassifyOptions
+from nightshift.service.frame import FrameError
+from nightshift.service.stack import LiveStack
 
 __all__ = ["MAX_TRIES", "Pipeline"]
 

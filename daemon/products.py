@@ -1,6 +1,6 @@
 """Where every product lives in the archive folder, and the clean-up of temp files a crash left behind.
 
-All names are built from header values made safe (``service.safepath``), so no OBJECT or FILTER can point a
+All names are built from header values made safe (``nightshift.service.safepath``), so no OBJECT or FILTER can point a
 write outside the archive.
 """
 
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from service.safepath import safe_component, safe_join
+from nightshift.service.safepath import safe_component, safe_join
 
 __all__ = ["Layout"]
 

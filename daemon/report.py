@@ -20,9 +20,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon.archive import FRAME_STATUSES, Archive, now_iso
-from daemon.products import Layout
-from service.fitsio import write_bytes_atomic
+from nightshift.daemon.archive import FRAME_STATUSES, Archive, now_iso
+from nightshift.daemon.products import Layout
+from nightshift.service.fitsio import write_bytes_atomic
 
 __all__ = ["MAX_FRAME_PREVIEWS", "MAX_IMAGE_BYTES", "UNDATED_WINDOW", "render_report", "write_report"]
 
@@ -675,7 +675,7 @@ def render_report(
     max_image_bytes : int
         PNG bytes to embed at most, stack pictures first; what does not fit is left out and the page says so.
     """
-    from service import __version__
+    from nightshift.service import __version__
 
     d = _collect(archive, night)
     pics = _Pictures(Layout(archive.root), budget=max_image_bytes)

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from daemon.archive import Archive
-from daemon.config import Config, ConfigError, load_config
-from daemon.metrics import Metrics
-from daemon.pipeline import Pipeline
-from daemon.sdnotify import Notifier, WatchdogGate
-from daemon.watcher import FolderWatcher, Incomplete, WatchOptions
+from nightshift.daemon.archive import Archive
+from nightshift.daemon.config import Config, ConfigError, load_config
+from nightshift.daemon.metrics import Metrics
+from nightshift.daemon.pipeline import Pipeline
+from nightshift.daemon.sdnotify import Notifier, WatchdogGate
+from nightshift.daemon.watcher import FolderWatcher, Incomplete, WatchOptions
 
 __all__ = ["Daemon", "watch_options"]
 

@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from astropy.io import fits
-
-from daemon.archive import now_iso
-from service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
-from service.frame import Image
-from service.grade import Grade, grade_frame, judge, transparency
-from service.preview import preview_png
-from service.register import AlignError, apply_transform, find_transform
-from service.stack import LiveStack, final_combine
-from service.stars import StarList
+from nightshift.daemon.archive import now_iso
+from nightshift.service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
+from nightshift.service.frame import Image
+from nightshift.service.grade import Grade, grade_frame, judge, transparency
+from nightshift.service.preview import preview_png
+from nightshift.service.register import AlignError, apply_transform, find_transform
+from nightshift.service.stack import LiveStack, final_combine
+from nightshift.service.stars import StarList
 
 if TYPE_CHECKING:
-    from daemon.pipeline import Pipeline
+    from nightshift.daemon.pipeline import Pipeline
 
 __all__ = ["finalize_stack", "grade_and_stack", "quiet_stacks"]
 

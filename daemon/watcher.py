@@ -3,7 +3,7 @@
 A watchdog observer (inotify, or polling for network mounts) reports paths; its handler only puts them in
 an inbox and wakes the daemon's main loop. The main loop calls :meth:`FolderWatcher.poll`, which turns the
 inbox into *candidates* and settles them: a candidate is offered once its size and mtime have not changed for
-``quiet_seconds`` and ``service.fitsio.check_complete`` finds a whole FITS file in it. A folder scan at start
+``quiet_seconds`` and ``nightshift.service.fitsio.check_complete`` finds a whole FITS file in it. A folder scan at start
 and every ``rescan_interval`` catches files whose events were never seen.
 
 How a file settles (the same with inotify and with polling):
@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from nightshift.service.fitsio import check_complete
+from nightshift.service.frame import FrameError
 from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
@@ -51,9 +53,6 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
-
-from service.fitsio import check_complete
-from service.frame import FrameError
 
 __all__ = ["FolderWatcher", "Incomplete", "Offer", "WatchOptions", "is_wanted"]
 

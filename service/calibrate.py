@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from astropy.io import fits
-
-from service.frame import Image
-from service.provenance import add_history, logged
+from nightshift.service.frame import Image
+from nightshift.service.provenance import add_history, logged
 
 __all__ = [
     "MIN_FLAT",

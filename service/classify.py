@@ -2,7 +2,8 @@
 
 Capture programs disagree on the words (MaxIm DL 'Flat Field', N.I.N.A. 'DARKFLAT', INDI/Ekos 'FRAME',
 IRAF 'zero'/'object'); :func:`classify_kind` maps them to the KINDS, and :func:`normalise` turns a raw header
-into a :class:`~service.frame.FrameMeta` or says, in a :class:`~service.frame.FrameError`, why it cannot.
+into a :class:`~nightshift.service.frame.FrameMeta` or says, in a
+:class:`~nightshift.service.frame.FrameError`, why it cannot.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from fnmatch import fnmatchcase
 from pathlib import PurePath
 from typing import Any
 
-from service.frame import KINDS, FrameError, FrameMeta
-from service.night import date_obs_source, observing_night, parse_date_obs
+from nightshift.service.frame import KINDS, FrameError, FrameMeta
+from nightshift.service.night import date_obs_source, observing_night, parse_date_obs
 
 __all__ = ["DEFAULT_SYNONYMS", "TYPE_KEYWORDS", "ClassifyOptions", "classify_kind", "normalise", "type_word"]
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-
-from service.frame import FrameError, Image
+from nightshift.service.frame import FrameError, Image
 
 __all__ = [
     "BLOCK",

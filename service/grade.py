@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from nightshift.service.frame import Image
+from nightshift.service.stars import StarList, detect_stars
 from scipy.spatial import cKDTree
-
-from service.frame import Image
-from service.stars import StarList, detect_stars
 
 __all__ = ["Grade", "RejectRules", "grade_frame", "grade_from_stars", "judge", "quality_score", "transparency"]
 

@@ -1,7 +1,7 @@
 """The whole ingest check of one raw file: is it a usable frame, and what does its header say.
 
-:func:`inspect_frame` either returns the frame's :class:`~service.frame.FrameMeta` or raises a
-:class:`~service.frame.FrameError` whose reason is one of QUARANTINE_REASONS and whose message tells a person
+:func:`inspect_frame` either returns the frame's :class:`~nightshift.service.frame.FrameMeta` or raises a
+:class:`~nightshift.service.frame.FrameError` whose reason is one of QUARANTINE_REASONS and whose message tells a person
 what is wrong with the file. Nothing else escapes it.
 """
 
@@ -11,10 +11,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from service.classify import ClassifyOptions, normalise
-from service.fitsio import find_image_hdu, read_header, read_pixels, scan_hdus, sha256_file
-from service.frame import FrameError, FrameMeta
+from nightshift.service.classify import ClassifyOptions, normalise
+from nightshift.service.fitsio import find_image_hdu, read_header, read_pixels, scan_hdus, sha256_file
+from nightshift.service.frame import FrameError, FrameMeta
 
 __all__ = ["MIN_SIZE", "check_pixels", "inspect_frame"]
 
@@ -55,7 +54,7 @@ def check_pixels(data: np.ndarray) -> dict[str, float]:
 def inspect_frame(path: Path, *, options: ClassifyOptions, sha256: str | None = None) -> FrameMeta:
     """Check one raw file from its bytes to its pixels and describe it.
 
-    Steps: the file is whole (:func:`~service.fitsio.check_complete`'s walk); an image HDU exists and is a
+    Steps: the file is whole (:func:`~nightshift.service.fitsio.check_complete`'s walk); an image HDU exists and is a
     2-D frame of at least :data:`MIN_SIZE` pixels each way; the header normalises (kind, exposure, date...);
     the pixels are not mostly NaN/inf and not all equal. The raw file is only read.
 

@@ -1,7 +1,7 @@
 """Master calibration frames from raw files: bias, dark, darkflat, flat, and the bad-pixel mask.
 
 Each maker takes the raw paths of one calibration set, combines them with
-:func:`service.combine.combine_files` (bounded memory), and returns an :class:`~service.frame.Image` whose
+:func:`service.combine.combine_files` (bounded memory), and returns an :class:`~nightshift.service.frame.Image` whose
 header says what it is and how it was made: IMAGETYP 'MASTER ...', the matching keys of the set, NCOMBINE,
 COMBMETH, BIASSUB/DARKSUB/FLATNORM, the inputs and the steps as HISTORY. Bias is a sigma-clipped average;
 darks are bias-subtracted, then median-combined; flats are bias- (and dark-) subtracted, scaled by their own
@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.stats import mad_std
-
-from service.calibrate import CalibrationError, check_dark_bias, dark_scale, exposure_of, is_bias_subtracted
-from service.combine import DEFAULT_MEM_LIMIT, combine_files, read_header
-from service.frame import Image
-from service.provenance import add_history, logged
+from nightshift.service.calibrate import CalibrationError, check_dark_bias, dark_scale, exposure_of, is_bias_subtracted
+from nightshift.service.combine import DEFAULT_MEM_LIMIT, combine_files, read_header
+from nightshift.service.frame import Image
+from nightshift.service.provenance import add_history, logged
 
 __all__ = [
     "MATCH_KEYS",

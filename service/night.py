@@ -10,7 +10,7 @@ import re
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from service.frame import FrameError
+from nightshift.service.frame import FrameError
 
 __all__ = ["date_obs_source", "observing_night", "parse_date_obs"]
 

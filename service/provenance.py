@@ -17,8 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from astropy.io import fits
-
-from service.frame import Image
+from nightshift.service.frame import Image
 
 __all__ = [
     "TAGS",
@@ -41,9 +40,9 @@ R = TypeVar("R")
 
 
 def software_version() -> str:
-    """nightshift's version: ``service.__version__`` when the package defines it, else ``"0.1.0"``."""
+    """nightshift's version: ``nightshift.service.__version__`` when the package defines it, else ``"0.1.0"``."""
     try:
-        from service import __version__
+        from nightshift.service import __version__
     except ImportError:
         return "0.1.0"
     return str(__version__)
@@ -142,7 +141,7 @@ def logged(func: Callable[P, R]) -> Callable[P, R]:
 
     Writes a HISTORY line ``NSHIST <function>: arg=value, ...`` (all parameters, defaults included, values
     through :func:`describe`) and sets NSVERS to :func:`software_version`. The result must be an
-    :class:`~service.frame.Image`; its header is changed in place, the inputs never are.
+    :class:`~nightshift.service.frame.Image`; its header is changed in place, the inputs never are.
     """
     signature = inspect.signature(func)
 

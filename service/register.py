@@ -1,6 +1,6 @@
 """Align a frame onto its reference by its stars.
 
-The transform is found by astroalign's triangle matching on star lists measured once by :mod:`service.stars`
+The transform is found by astroalign's triangle matching on star lists measured once by :mod:`nightshift.service.stars`
 (never by searching the pixels again), then refined by a least-squares similarity fit on every star that matches,
 so a meridian flip (180 degrees) or a small field rotation comes out with sub-pixel residuals. The pixels are
 warped with a bilinear float32 resampling; pixels that fall outside the frame or touch a masked pixel come out
@@ -16,11 +16,10 @@ from typing import Any
 
 import astroalign
 import numpy as np
+from nightshift.service.frame import Image
+from nightshift.service.stars import StarList
 from scipy.spatial import cKDTree
 from skimage.transform import AffineTransform, warp
-
-from service.frame import Image
-from service.stars import StarList
 
 __all__ = ["AlignError", "Transform", "apply_transform", "find_transform"]
 

@@ -21,9 +21,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.stats import mad_std, sigma_clip
 from astropy.utils.exceptions import AstropyUserWarning
-
-from service.combine import BAND_BYTES
-from service.frame import Image
+from nightshift.service.combine import BAND_BYTES
+from nightshift.service.frame import Image
 
 __all__ = ["LiveStack", "final_combine"]
 

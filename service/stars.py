@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 import sep
-
-from service.frame import FrameError
+from nightshift.service.frame import FrameError
 
 __all__ = ["StarList", "detect_stars"]
 

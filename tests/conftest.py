@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from daemon.archive import Archive
-from daemon.batch import reduce_folders
-from daemon.config import Config, config_from_dict
-from daemon.pipeline import Pipeline
-from service.simulate import NightPlan, SimConfig, simulate_night
+from nightshift.daemon.archive import Archive
+from nightshift.daemon.batch import reduce_folders
+from nightshift.daemon.config import Config, config_from_dict
+from nightshift.daemon.pipeline import Pipeline
+from nightshift.service.simulate import NightPlan, SimConfig, simulate_night
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -114,7 +113,7 @@ class Proc:
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - kept open for the life of the process
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", *args],
+            [sys.executable, "-m", "nightshift.daemon.cli", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

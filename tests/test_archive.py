@@ -7,8 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
-from daemon.archive import DB_NAME, FRAME_STATUSES, GOOD_STATUSES, Archive, migrations
+from nightshift.daemon.archive import DB_NAME, FRAME_STATUSES, GOOD_STATUSES, Archive, migrations
 
 
 def _row(path: str, **extra: object) -> dict:

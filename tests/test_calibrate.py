@@ -14,19 +14,18 @@ from astropy.io import fits
 from astropy.nddata import CCDData
 from astropy.stats import sigma_clipped_stats
 from conftest import paths_of
-
-from service.calibrate import (
+from nightshift.service.calibrate import (
     CalibrationError,
     calibrate,
     check_dark_bias,
     dark_scale,
     parse_section,
 )
-from service.fitsio import read_image
-from service.frame import Image
-from service.masters import bad_pixel_mask, make_master_bias, make_master_dark, make_master_flat
-from service.provenance import read_history
-from service.simulate import SimConfig, simulate_night
+from nightshift.service.fitsio import read_image
+from nightshift.service.frame import Image
+from nightshift.service.masters import bad_pixel_mask, make_master_bias, make_master_dark, make_master_flat
+from nightshift.service.provenance import read_history
+from nightshift.service.simulate import SimConfig, simulate_night
 
 pytestmark = pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
 

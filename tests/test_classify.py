@@ -6,9 +6,8 @@ import os
 
 import pytest
 from astropy.io import fits
-
-from service.classify import DEFAULT_SYNONYMS, ClassifyOptions, classify_kind, normalise
-from service.frame import KINDS, FrameError
+from nightshift.service.classify import DEFAULT_SYNONYMS, ClassifyOptions, classify_kind, normalise
+from nightshift.service.frame import KINDS, FrameError
 
 PLAIN = ClassifyOptions()
 

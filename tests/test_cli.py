@@ -11,8 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
-from daemon.config import Config, ConfigError, load_config
+from nightshift.daemon.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = [
@@ -32,7 +31,9 @@ COMMANDS = [
 
 
 def nightshift(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nightshift.daemon.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_documented_default_config_equals_the_built_in_defaults() -> None:
@@ -164,7 +165,7 @@ def test_readme_tells_every_command_config_key_and_table() -> None:
         assert f"[{section}]" in readme, section
         for key in fields:
             assert f"`{key}`" in readme, f"[{section}] {key}"
-    from daemon.archive import FRAME_STATUSES, migrations
+    from nightshift.daemon.archive import FRAME_STATUSES, migrations
 
     for status in FRAME_STATUSES:
         assert f"`{status}`" in readme, status

@@ -11,9 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import wait_until, write_config_file
-
-from daemon.archive import Archive
-from service.simulate import SimConfig, plan_night, write_frame
+from nightshift.daemon.archive import Archive
+from nightshift.service.simulate import SimConfig, plan_night, write_frame
 
 
 def test_sigkill_during_a_night_loses_and_doubles_nothing(tmp_path: Path, start_nightshift) -> None:

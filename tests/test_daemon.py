@@ -13,9 +13,8 @@ import urllib.request
 from pathlib import Path
 
 from conftest import require_tool, wait_until, write_config_file
-
-from daemon.archive import Archive
-from service.simulate import SimConfig, plan_night, write_frame
+from nightshift.daemon.archive import Archive
+from nightshift.service.simulate import SimConfig, plan_night, write_frame
 
 
 def _free_port() -> int:

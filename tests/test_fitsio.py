@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-
-from service.fitsio import (
+from nightshift.service.fitsio import (
     BLOCK,
     check_complete,
     read_image,
@@ -20,7 +19,7 @@ from service.fitsio import (
     write_bytes_atomic,
     write_fits_atomic,
 )
-from service.frame import FrameError, Image
+from nightshift.service.frame import FrameError, Image
 
 
 def camera_file(path: Path, data: np.ndarray, **cards) -> Path:

@@ -8,12 +8,11 @@ import math
 import numpy as np
 import pytest
 from astropy.io import fits
-
-from service.frame import Image
-from service.grade import Grade, RejectRules, grade_frame, judge, quality_score, transparency
-from service.register import find_transform
-from service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
-from service.stars import StarList, detect_stars
+from nightshift.service.frame import Image
+from nightshift.service.grade import Grade, RejectRules, grade_frame, judge, quality_score, transparency
+from nightshift.service.register import find_transform
+from nightshift.service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
+from nightshift.service.stars import StarList, detect_stars
 
 
 def _gaussian_field(

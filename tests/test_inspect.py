@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-
-from service import simulate
-from service.classify import ClassifyOptions
-from service.frame import QUARANTINE_REASONS, FrameError
-from service.inspect import inspect_frame
+from nightshift.service import simulate
+from nightshift.service.classify import ClassifyOptions
+from nightshift.service.frame import QUARANTINE_REASONS, FrameError
+from nightshift.service.inspect import inspect_frame
 
 OPTIONS = ClassifyOptions()
 GOOD_CARDS = {"IMAGETYP": "Light Frame", "EXPTIME": 30.0, "DATE-OBS": "2024-06-15T03:00:00.5", "FILTER": "V"}

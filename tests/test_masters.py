@@ -14,21 +14,20 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from conftest import paths_of
-from scipy.ndimage import uniform_filter
-
-from service.calibrate import CalibrationError, calibrate, dark_scale
-from service.combine import combine_files, read_header
-from service.fitsio import read_image, write_fits_atomic
-from service.frame import Image
-from service.masters import (
+from nightshift.service.calibrate import CalibrationError, calibrate, dark_scale
+from nightshift.service.combine import combine_files, read_header
+from nightshift.service.fitsio import read_image, write_fits_atomic
+from nightshift.service.frame import Image
+from nightshift.service.masters import (
     bad_pixel_mask,
     make_master_bias,
     make_master_dark,
     make_master_darkflat,
     make_master_flat,
 )
-from service.provenance import add_history, describe, logged, read_history
-from service.simulate import BIAS_LEVEL, READ_NOISE, SimConfig, simulate_night
+from nightshift.service.provenance import add_history, describe, logged, read_history
+from nightshift.service.simulate import BIAS_LEVEL, READ_NOISE, SimConfig, simulate_night
+from scipy.ndimage import uniform_filter
 
 pytestmark = pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import require_tool
+from nightshift.daemon.metrics import CATALOGUE, REJECT_REASONS, STAGES, Metrics, reason_code
+from nightshift.service.frame import KINDS, QUARANTINE_REASONS, FrameError
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-
-from daemon.metrics import CATALOGUE, REJECT_REASONS, STAGES, Metrics, reason_code
-from service.frame import KINDS, QUARANTINE_REASONS, FrameError
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
@@ -351,7 +350,7 @@ def test_alerts_use_only_exported_metrics() -> None:
 
 def test_unknown_reason_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
-    with caplog.at_level("WARNING", logger="daemon.metrics"):
+    with caplog.at_level("WARNING", logger="nightshift.daemon.metrics"):
         for _ in range(3):
             metrics.frames_rejected.labels(reason="gremlins: in the optics").inc()
         metrics.frames_rejected.labels(reason="other").inc()

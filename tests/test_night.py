@@ -6,9 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from astropy.io import fits
-
-from service.frame import FrameError
-from service.night import date_obs_source, observing_night, parse_date_obs
+from nightshift.service.frame import FrameError
+from nightshift.service.night import date_obs_source, observing_night, parse_date_obs
 
 
 def header(**cards) -> fits.Header:

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from conftest import make_config, reduce_night
-
-from daemon.archive import GOOD_STATUSES, Archive
-from daemon.batch import reduce_folders, reprocess
-from daemon.pipeline import Pipeline
-from service.simulate import BROKEN_FILES, SimConfig, plan_night, simulate_night, write_frame
+from nightshift.daemon.archive import GOOD_STATUSES, Archive
+from nightshift.daemon.batch import reduce_folders, reprocess
+from nightshift.daemon.pipeline import Pipeline
+from nightshift.service.simulate import BROKEN_FILES, SimConfig, plan_night, simulate_night, write_frame
 
 
 def _lights(archive: Archive) -> list[dict]:
@@ -120,7 +119,7 @@ def test_hostile_header_values_stay_inside_the_archive(night, reduced: Archive) 
 
 def test_products_safe_names_for_path_traversal(tmp_path: Path) -> None:
     """An OBJECT/FILTER of ``../../etc``, slashes, NUL or 1000 characters never writes outside the archive."""
-    from daemon.products import Layout
+    from nightshift.daemon.products import Layout
 
     layout = Layout(tmp_path / "archive")
     for obj in ("../../etc", "a/b/../../..", "x\x00y", "é" * 1000, "/etc/passwd", ".."):

@@ -6,9 +6,8 @@ import io
 
 import numpy as np
 import pytest
+from nightshift.service.preview import downsample, preview_png, side_by_side_png, stretch
 from PIL import Image as PILImage
-
-from service.preview import downsample, preview_png, side_by_side_png, stretch
 
 
 def _decode(png: bytes) -> np.ndarray:

@@ -8,12 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from astropy.io import fits
+from nightshift.service.frame import Image
+from nightshift.service.register import AlignError, Transform, apply_transform, find_transform
+from nightshift.service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
+from nightshift.service.stars import StarList, detect_stars
 from scipy.spatial import cKDTree
-
-from service.frame import Image
-from service.register import AlignError, Transform, apply_transform, find_transform
-from service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
-from service.stars import StarList, detect_stars
 
 SIZE = 512
 

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import reduce_night, require_tool
+from nightshift.daemon.archive import Archive
+from nightshift.daemon.cli import main
+from nightshift.daemon.products import Layout
+from nightshift.daemon.report import MAX_FRAME_PREVIEWS, render_report, write_report
+from nightshift.service.simulate import NightPlan
 from PIL import Image as PILImage
-
-from daemon.archive import Archive
-from daemon.cli import main
-from daemon.products import Layout
-from daemon.report import MAX_FRAME_PREVIEWS, render_report, write_report
-from service.simulate import NightPlan
 
 NIGHT = "2026-11-25"
 PNG_URI = "data:image/png;base64,"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from service.safepath import JOIN_MAX_LEN, safe_component, safe_join
+from nightshift.service.safepath import JOIN_MAX_LEN, safe_component, safe_join
 
 SAFE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from daemon.sdnotify import Notifier, WatchdogGate, watchdog_interval
+from nightshift.daemon.sdnotify import Notifier, WatchdogGate, watchdog_interval
 
 
 class Listener:

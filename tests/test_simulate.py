@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import sep
 from astropy.io import fits
-
-from service.frame import QUARANTINE_REASONS
-from service.simulate import (
+from nightshift.service.frame import QUARANTINE_REASONS
+from nightshift.service.simulate import (
     BIAS_LEVEL,
     BROKEN_FILES,
     DIALECTS,

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
-
-from service.frame import Image
-from service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
-from service.stack import LiveStack, final_combine
+from nightshift.service.frame import Image
+from nightshift.service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
+from nightshift.service.stack import LiveStack, final_combine
 
 SHAPE = (128, 160)
 

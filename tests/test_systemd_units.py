@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI, require_tool
-
-from daemon.config import Config
+from nightshift.daemon.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-
-from daemon.watcher import FolderWatcher, Incomplete, Offer, WatchOptions, is_wanted
-from service.simulate import SimConfig, plan_night, write_frame
+from nightshift.daemon.watcher import FolderWatcher, Incomplete, Offer, WatchOptions, is_wanted
+from nightshift.service.simulate import SimConfig, plan_night, write_frame
 
 QUIET = 0.3
 MODES = [pytest.param(False, id="native"), pytest.param(True, id="polling")]
