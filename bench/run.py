@@ -476,7 +476,7 @@ def phase_calibrate_one(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     import ccdproc
     from astropy.nddata import CCDData
     from nightshift.daemon.archive import Archive
-    from nightshift.daemon.calibrating import MasterCache, _combined_mask
+    from nightshift.daemon.mastercache import MasterCache, combined_mask
     from nightshift.service.calibrate import calibrate
     from nightshift.service.fitsio import read_image, write_fits_atomic
 
@@ -494,9 +494,9 @@ def phase_calibrate_one(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         }
     finally:
         archive.close()
-    cache = MasterCache(root)
-    bias, dark, flat = (cache.get(masters[k]) for k in ("bias", "dark", "flat"))
-    mask = _combined_mask(dark, flat)
+    cache = MasterCache()
+    bias, dark, flat = (cache.get(root / masters[k]["path"]) for k in ("bias", "dark", "flat"))
+    mask = combined_mask(dark, flat)
     raw_path = Path(light["path"])
     raw = read_image(raw_path)
     n = p["repeats"]

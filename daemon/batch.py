@@ -112,8 +112,7 @@ def reprocess(
             a.event("reprocess", "reopened", f"{len(ids)} frame(s) sent back to calibration", stack_id=sid)
     for fid in ids:
         a.event("reprocess", "requeued", "recalibrate with the current best masters", frame_id=fid)
-    pipeline.live_stacks.clear()
-    pipeline.masters.clear()
+    pipeline.forget()
     log.info("reprocess: %d light(s) sent back to calibration", len(ids))
     progress = Progress("reprocess", None) if show_progress else None
     for n in sorted({r["night"] for r in rows}):

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file and print the result")
     _common(p, archive=False)
 
+    p = sub.add_parser("config", help="print a file shipped with nightshift: default configuration, units, alerts")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--print-default", action="store_true", help="the documented default configuration (TOML)")
+    what.add_argument("--unit", choices=["nightshift.service", "nightshift@.service"], help="a systemd unit file")
+    what.add_argument("--alerts", action="store_true", help="the Prometheus alert rules")
+    what.add_argument("--alerts-test", action="store_true", help="the alert rules' promtool tests")
+    what.add_argument("--dashboard", action="store_true", help="the Grafana dashboard (JSON)")
+
     p = sub.add_parser("simulate", help="write a simulated night of FITS files (for tests, demos, benchmarks)")
     p.add_argument("out", type=Path, metavar="OUT")
     _simulate_options(p)
@@ -174,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(args.log_level, args.log_format or "text")
             from nightshift.daemon.demo import run_demo
 
-            return run_demo(args)
+            return run_demo(args.out, _sim_config(args), config_path=args.config, metrics=args.metrics)
+        if args.command == "config":
+            return _cmd_config(args)
         config = _config(args)
         setup_logging(config.logging.level, config.logging.format)
         handler = {
@@ -205,6 +215,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- commands -------------------------------------------------------------------------------------------------------
+def _cmd_config(args: argparse.Namespace) -> int:
+    from nightshift.daemon.shipped import shipped_text
+
+    if args.print_default:
+        name = "default"
+    elif args.unit:
+        name = args.unit
+    elif args.alerts:
+        name = "alerts"
+    elif args.alerts_test:
+        name = "alerts-test"
+    else:
+        name = "dashboard"
+    sys.stdout.write(shipped_text(name))
+    return EXIT_OK
+
+
 def _cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     print(f"configuration OK ({config.source})")
     print(f"  watch:   {', '.join(config.watch.paths)} ({config.watch.observer} observer)")
@@ -239,18 +266,9 @@ def _open(config: Config, *, create: bool = True, workers: int = 1):
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print("frames by kind and status:")
-    for kind, statuses in sorted(summary["frames"].items()):
-        parts = ", ".join(f"{s} {n}" for s, n in sorted(statuses.items()))
-        print(f"  {kind:9s} {sum(statuses.values()):4d}  ({parts})")
-    masters = ", ".join(f"{k} {n}" for k, n in sorted(summary["masters"].items())) or "none"
-    print(f"masters: {masters}")
-    print(f"stacks: {len(summary['stacks'])}")
-    for s in summary["stacks"]:
-        print(
-            f"  {s['object']} {s['filter']} {s['exptime']:g}s night {s['night']}: {s['n_frames']} frames, "
-            f"{s['state']}  -> {s['path']}"
-        )
+    from nightshift.daemon.summary import summary_lines
+
+    print("\n".join(summary_lines(summary)))
 
 
 def _cmd_reduce(args: argparse.Namespace, config: Config) -> int:

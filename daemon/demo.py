@@ -6,17 +6,19 @@ as name.tmp then renamed, some broken); the daemon is the real one, with its rea
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from nightshift.daemon.archive import Archive
 from nightshift.daemon.config import load_config
 from nightshift.daemon.pipeline import Pipeline
 from nightshift.daemon.runner import Daemon
+from nightshift.daemon.summary import summary_lines
+from nightshift.service.simulate import SimConfig, plan_night
 
 __all__ = ["run_demo"]
 
@@ -38,10 +40,11 @@ def _camera(plan, camera: Path, done: threading.Event, stop: threading.Event) ->
         done.set()
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from nightshift.daemon.cli import _print_summary, _sim_config
+def run_demo(out: Path, sim: SimConfig, *, config_path: Path | None = None, metrics: str = "off") -> int:
+    """Write the night ``sim`` into ``out/camera`` while the daemon fills ``out/archive``; print the summary.
 
-    out = args.out.absolute()
+    ``config_path`` is a base configuration (the demo sets its folders and timings); ``metrics`` the endpoint."""
+    out = out.absolute()
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         print(f"nightshift demo: {out} exists and is not a demo folder; choose another --out")
         return 2
@@ -50,13 +53,10 @@ def run_demo(args: argparse.Namespace) -> int:
     camera, archive_dir = out / "camera", out / "archive"
     camera.mkdir(parents=True)
     (out / MARKER).write_text("made by nightshift demo; camera/ and archive/ are replaced on each run\n")
-    from nightshift.service.simulate import plan_night
-
-    sim = _sim_config(args)
-    sim.broken = True
+    sim = replace(sim, broken=True)
     plan = plan_night(sim)
     config = load_config(
-        args.config,
+        config_path,
         overrides={
             "watch": {
                 "paths": [str(camera)],
@@ -66,11 +66,11 @@ def run_demo(args: argparse.Namespace) -> int:
             },
             "archive": {"path": str(archive_dir), "min_free_mb": 50},
             "calibration": {"set_quiet_seconds": 3.0},
-            "metrics": {"listen": args.metrics},
+            "metrics": {"listen": metrics},
         },
     )
     print(
-        f"demo: a simulated night of {len(plan.frames)} files ({args.size}x{args.size} px) is being written to "
+        f"demo: a simulated night of {len(plan.frames)} files ({sim.shape[1]}x{sim.shape[0]} px) is being written to "
         f"{camera}; the daemon watches it and fills {archive_dir}",
         flush=True,
     )
@@ -110,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         archive.close()
     print(f"\ndemo finished in {time.monotonic() - t0:.1f} s: {len(plan.frames)} files written, archive {archive_dir}")
-    _print_summary(summary)
+    print("\n".join(summary_lines(summary)))
     if report:
         print(f"night report: {report}")
     print(f"try: nightshift status --archive {archive_dir}   |   nightshift quarantine --archive {archive_dir}")

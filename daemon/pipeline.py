@@ -19,17 +19,18 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nightshift.daemon.archive import Archive
-from nightshift.daemon.calibrating import MasterCache, compute_light, plan_light, record_light, refuse_light
-from nightshift.daemon.calsets import CAL_KINDS, CalSet, compute_master, plan_master, ready_sets, record_master
+from nightshift.daemon.calibrating import compute_light, plan_light, record_light, refuse_light
+from nightshift.daemon.calsets import CAL_KINDS, CalibrationSets, compute_master
 from nightshift.daemon.config import Config
 from nightshift.daemon.intake import Examined, examine, quarantine, record, settled
+from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.metrics import Metrics
 from nightshift.daemon.products import Layout
-from nightshift.daemon.stacking import finalize_stack, grade_and_stack, quiet_stacks
+from nightshift.daemon.stacking import Stacker
+from nightshift.daemon.workspace import Workspace
 from nightshift.service.calibrate import CalibrationError
 from nightshift.service.classify import ClassifyOptions
 from nightshift.service.frame import FrameError
-from nightshift.service.stack import LiveStack
 
 __all__ = ["MAX_TRIES", "Pipeline"]
 
@@ -62,17 +63,18 @@ class Pipeline:
         self.layout = Layout(archive.root)
         self.layout.make_folders()
         self.layout.sweep_temp_files()
-        self.masters = MasterCache(archive.root)
-        self.live_stacks: dict[int, LiveStack] = {}
-        self.stack_previews: dict[int, float] = {}  # stack id -> when its picture was last drawn (monotonic)
+        self.ws = Workspace(archive, self.layout, self.metrics)
+        self.sets = CalibrationSets(self.ws, config.calibration, self.night_ended)
+        self.stacker = Stacker(self.ws, config.grading, config.stacking)
         self.masters_changed = True  # retry pending lights once at start
         self._ended: set[str] | None = set()  # nights being closed by end_night (None: every night)
-        self._said: set[str] = set()
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
         """Take a new configuration (SIGHUP): classification words, rules and thresholds."""
         self.config = config
+        self.sets.rules = config.calibration
+        self.stacker.grading, self.stacker.rules = config.grading, config.stacking
         c = config.classify
         self.classify_options = ClassifyOptions(
             synonyms=dict(c.synonyms),
@@ -88,8 +90,8 @@ class Pipeline:
         """Take one settled file into the archive (never raises for bad input)."""
         path = Path(path).absolute()
         try:
-            found = settled(self, path, size, mtime)
-            return None if found is None else record(self, self._examine(path, *found))
+            found = settled(self.ws, path, size, mtime)
+            return None if found is None else record(self.ws, self._examine(path, *found))
         except Exception as exc:
             return self._ingest_failed(path, exc)
 
@@ -98,7 +100,7 @@ class Pipeline:
         log.error("ingest of %s failed", path, exc_info=exc)
         self.metrics.stage_errors.labels(stage="ingest").inc()
         return quarantine(
-            self, {"path": str(path)}, FrameError("processing_error", f"ingest failed: {type(exc).__name__}: {exc}")
+            self.ws, {"path": str(path)}, FrameError("processing_error", f"ingest failed: {type(exc).__name__}: {exc}")
         )
 
     def quarantine_incomplete(self, path: Path, reason: str) -> None:
@@ -117,26 +119,7 @@ class Pipeline:
             or self.archive.known(spath, row.get("size_bytes", -1), row.get("mtime", -1.0))
         ):
             return
-        quarantine(self, row, FrameError("incomplete", reason))
-
-    def note_newest_frame(self, mtime: float) -> None:
-        """The newest frame's file time (not DATE-OBS: a camera clock set in the future must not hide a stall)."""
-        self.metrics.set_newest_frame(min(mtime, time.time()))
-
-    # -- notes on sets that wait (said once each) -----------------------------------------------------------------
-    def _say_once(self, key: str, message: str, frames: list[dict[str, Any]]) -> None:
-        if key in self._said:
-            return
-        self._said.add(key)
-        log.info("%s", message)
-        for f in frames:
-            self.archive.update_frame(f["id"], reason=message)
-
-    def note_waiting_set(self, s: CalSet, message: str) -> None:
-        self._say_once(f"wait|{s.key}|{len(s.frames)}", f"{s.kind} set {s.slug}: {message}", s.new_frames)
-
-    def note_incomplete_set(self, s: CalSet, message: str) -> None:
-        self._say_once(f"few|{s.key}|{len(s.frames)}", f"{s.kind} set {s.slug}: {message}", s.new_frames)
+        quarantine(self.ws, row, FrameError("incomplete", reason))
 
     # -- guarded steps --------------------------------------------------------------------------------------------
     @contextmanager
@@ -152,7 +135,7 @@ class Pipeline:
                 if tries >= MAX_TRIES:
                     err = FrameError("processing_error", f"{stage} failed {tries} times: {type(exc).__name__}: {exc}")
                     self.archive.update_frame(f["id"], tries=tries)
-                    quarantine(self, {"path": f["path"]}, err)
+                    quarantine(self.ws, {"path": f["path"]}, err)
                 else:
                     self.archive.update_frame(f["id"], tries=tries)
                     self.archive.event(stage, "error", f"{type(exc).__name__}: {exc} (try {tries})", frame_id=f["id"])
@@ -184,24 +167,24 @@ class Pipeline:
         )
         if light is not None:
             with self._guard("stack", [light]):
-                grade_and_stack(self, light)
+                self.stacker.grade_and_stack(light)
             return True
-        for stack in quiet_stacks(self):
+        for stack in self.stacker.quiet_stacks(self.config.stacking.final_after_seconds):
             with self._guard("stack", []):
-                finalize_stack(self, stack)
+                self.stacker.finalize_stack(stack)
             return True
         return False
 
     def build_masters(self) -> int:
         """Build the masters of the complete sets of the first kind that can be built now (bias, then
         darkflats, darks, flats: later kinds use earlier ones), on the workers if any; returns how many."""
-        ready = list(ready_sets(self))
+        ready = list(self.sets.ready())
         for kind in CAL_KINDS:
             plans = []
             for s, why in ready:
                 if s.kind == kind:
                     with self._guard("master", s.new_frames):
-                        plan = plan_master(self, s, why)
+                        plan = self.sets.plan(s, why)
                         if plan is not None:
                             plans.append(plan)
             if plans:
@@ -211,36 +194,37 @@ class Pipeline:
                     with self._guard("master", plan.calset.new_frames):
                         if error is not None:
                             raise error
-                        record_master(self, plan, *value)
+                        self.sets.record(plan, value)
+                        self.masters_changed = True
                         done += 1
                 return done
         return 0
 
     def _map(self, fn: Callable[..., Any], items: list[Any]) -> list[tuple[Any, Exception | None]]:
-        """``fn(self, item)`` for each item, on the workers when there are several; results in order."""
+        """``fn(item)`` for each item, on the workers when there are several; results (or errors) in order."""
         if self._pool is None or len(items) < 2:
-            return [_run(fn, self, item) for item in items]
-        futures = [self._pool.submit(_run, fn, self, item) for item in items]
+            return [_run(fn, item) for item in items]
+        futures = [self._pool.submit(_run, fn, item) for item in items]
         return [f.result() for f in futures]
 
     def calibrate_lights(self, lights: list[dict[str, Any]]) -> int:
         """Calibrate the lights whose masters exist (on the workers, if any); returns how many were calibrated."""
-        planned = []
+        jobs = []
         for light in lights:
             with self._guard("calibrate", [light]):
-                choice = plan_light(self, light)
-                if choice is not None:
-                    planned.append((light, choice))
-        results = self._map(lambda p, item: compute_light(p, *item), planned)
+                job = plan_light(self.ws, self.config.calibration, light, end_of_night=self.night_ended(light["night"]))
+                if job is not None:
+                    jobs.append(job)
+        results = self._map(compute_light, jobs)
         done = 0
-        for (light, choice), (value, error) in zip(planned, results, strict=True):
-            with self._guard("calibrate", [light]):
+        for job, (value, error) in zip(jobs, results, strict=True):
+            with self._guard("calibrate", [job.frame]):
                 if isinstance(error, CalibrationError):
-                    refuse_light(self, light, error)
+                    refuse_light(self.ws, job.frame, error)
                 elif error is not None:
                     raise error
                 else:
-                    record_light(self, light, choice, *value)
+                    record_light(self.ws, job, value)
                     done += 1
         return done
 
@@ -250,7 +234,7 @@ class Pipeline:
         for path in paths:
             path = Path(path).absolute()
             try:
-                found = settled(self, path)
+                found = settled(self.ws, path)
             except Exception as exc:
                 self._ingest_failed(path, exc)
                 continue
@@ -266,7 +250,7 @@ class Pipeline:
             try:
                 if error is not None:
                     raise error
-                record(self, ex)
+                record(self.ws, ex)
             except Exception as exc:
                 self._ingest_failed(path, exc)
             if progress is not None:
@@ -275,6 +259,11 @@ class Pipeline:
     def _examine(self, path: Path, size: int, mtime: float) -> Examined:
         with self.metrics.stage("ingest"):
             return examine(path, size, mtime, self.classify_options)
+
+    def forget(self) -> None:
+        """Drop what is held in memory (live stacks, masters): after the archive changed under us (reprocess)."""
+        self.stacker.forget()
+        MASTERS.clear()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -302,9 +291,9 @@ class Pipeline:
             else:
                 nights = [night]
             for n in nights:
-                for stack in quiet_stacks(self, night=n):
+                for stack in self.stacker.night_stacks(n):
                     with self._guard("stack", []):
-                        finalize_stack(self, stack)
+                        self.stacker.finalize_stack(stack)
                     if progress is not None:
                         progress()
         finally:
