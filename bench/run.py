@@ -9,6 +9,8 @@ hide another's):
 - ``baseline_calibrate``: the same calibration the plain way, with ``CCDData`` and ccdproc (the method of
   ``/work/shared/reference/ccd-reduction-notebook.txt``);
 - ``baseline_align``: the plain way of aligning and stacking: ``astroalign.register`` per frame, then average;
+- ``siril``: Siril (``siril-cli -s``), the open-source tool users would otherwise pick, on the same night with
+  its standard script (bench/siril.py); and the sharpness of every side's stacks measured with one yardstick;
 - ``nightshift_align``: nightshift's own science for the same step in isolation (stars, transform, warp, add);
 - ``calibrate_one``: ``nightshift.service.calibrate.calibrate`` on one light with masters already in memory;
 - ``daemon`` (``--daemon``): the real daemon (``nightshift run``) watching a folder that a writer fills frame by
@@ -51,6 +53,7 @@ PHASES = (
     "nightshift",
     "baseline_calibrate",
     "baseline_align",
+    "siril",
     "nightshift_align",
     "calibrate_one",
     "daemon",
@@ -741,6 +744,7 @@ _PHASE_FUNCTIONS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = 
     "nightshift": phase_nightshift,
     "baseline_calibrate": phase_baseline_calibrate,
     "baseline_align": phase_baseline_align,
+    "siril": lambda work, p: __import__("siril").phase_siril(work, p),
     "nightshift_align": phase_nightshift_align,
     "calibrate_one": phase_calibrate_one,
     "daemon": phase_daemon,
@@ -889,6 +893,8 @@ def summarise(params: dict[str, Any], r: dict[str, dict[str, Any]]) -> dict[str,
             "add, with the average written, / lights; ratio = astroalign_plain / nightshift.",
         },
     }
+    if "siril" in r and "total_s" in r["siril"]:
+        out["versus_siril"] = _versus_siril(r["siril"], ns["total_s"], baseline_total)
     targets = {
         "end_to_end_5x": _ge(out["ratio_end_to_end"], TARGET_END_TO_END),
         "align_stack_2x": _ge(out["align_stack"]["ratio"], TARGET_ALIGN_RATIO),
@@ -924,6 +930,45 @@ def summarise(params: dict[str, Any], r: dict[str, dict[str, Any]]) -> dict[str,
     out["peak_rss_mb_by_phase"] = {k: v["peak_rss_mb"] for k, v in r.items()}
     out["host"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], **params.get("host", {})}
     return out
+
+
+def _versus_siril(si: dict[str, Any], nightshift_s: float, baseline_s: float) -> dict[str, Any]:
+    """Whole night and stack sharpness: nightshift, the plain ccdproc + astroalign way, and Siril."""
+    from siril import median_sharpness
+
+    others = si["sharpness_of_others"]
+    fwhm = {
+        "nightshift": median_sharpness(others["nightshift"]),
+        "baseline": median_sharpness(others["baseline"]),
+        "siril": median_sharpness(si["stacks"]),
+    }
+    return {
+        "siril_version": si["version"],
+        "siril_finished": si["finished"],
+        "whole_night_s": {
+            "nightshift": _r(nightshift_s, 2),
+            "baseline": _r(baseline_s, 2),
+            "siril": _r(si["total_s"], 2),
+        },
+        "ratio_whole_night_vs_siril": _ratio(si["total_s"], nightshift_s),
+        "stack_fwhm_px_median": fwhm,
+        "sharper_than_siril": None
+        if None in (fwhm["nightshift"], fwhm["siril"])
+        else fwhm["nightshift"] < fwhm["siril"],
+        "stack_fwhm_px": {
+            "nightshift": {k: v["fwhm_px"] for k, v in others["nightshift"].items()},
+            "baseline": {k: v["fwhm_px"] for k, v in others["baseline"].items()},
+            "siril": {k: (v or {}).get("fwhm_px") for k, v in si["stacks"].items()},
+        },
+        "siril_lights_stacked": f"{si['stacked_frames']} of {si['lights']}",
+        "siril_stacks_failed": {name: si["why_failed"].get(name, "") for name in si["scripts_failed"]},
+        "note": "Siril 1.0 standard script per stack (bias, dark per exposure, flat per filter, preprocess, "
+        "register with global star alignment, stack rej 3 3 -norm=addscale), one siril-cli script for the masters "
+        "and one per stack, wall times summed; a stack Siril cannot register is listed in siril_stacks_failed. "
+        "Siril keeps every light it can register (no grading), nightshift rejects the cloudy one. "
+        "FWHM: median half-flux diameter of isolated unsaturated stars with sep, the same yardstick for every "
+        "side (bench/siril.py).",
+    }
 
 
 def _ge(x: float | None, limit: float) -> bool | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -38,6 +39,15 @@ def _camera(plan, camera: Path, done: threading.Event, stop: threading.Event) ->
             time.sleep(0.05)
     finally:
         done.set()
+
+
+def _command() -> str:
+    """How to call nightshift again from this shell: its name if it is on PATH, else its full path (a make
+    demo runs it from .venv/bin, which is not on the user's PATH)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "nightshift" and shutil.which("nightshift") != str(argv0.absolute()):
+        return str(argv0.absolute())
+    return "nightshift"
 
 
 def run_demo(out: Path, sim: SimConfig, *, config_path: Path | None = None, metrics: str = "off") -> int:
@@ -113,5 +123,6 @@ def run_demo(out: Path, sim: SimConfig, *, config_path: Path | None = None, metr
     print("\n".join(summary_lines(summary)))
     if report:
         print(f"night report: {report}")
-    print(f"try: nightshift status --archive {archive_dir}   |   nightshift quarantine --archive {archive_dir}")
+    cmd = _command()
+    print(f"try: {cmd} status --archive {archive_dir}   |   {cmd} quarantine --archive {archive_dir}")
     return 0

@@ -18,7 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
 
 STAGES = ("ingest", "master", "calibrate", "grade", "align", "stack", "preview")
-PHASES = ("simulate", "nightshift", "baseline_calibrate", "baseline_align", "nightshift_align", "calibrate_one")
+PHASES = (
+    "simulate",
+    "nightshift",
+    "baseline_calibrate",
+    "baseline_align",
+    "siril",
+    "nightshift_align",
+    "calibrate_one",
+)
 
 
 def _positive(value: object) -> bool:
@@ -139,6 +147,21 @@ def test_align_stack_and_one_light(bench: tuple[dict, dict, Path]) -> None:
     assert _positive(one["median_s"]) and one["min_s"] <= one["median_s"]
     parts = one["read_calibrate_write_median_s"]
     assert _positive(parts["total_s"]) and parts["total_s"] >= parts["calibrate_s"]
+
+
+def test_siril_ran_on_the_same_night_and_every_side_is_measured(bench: tuple[dict, dict, Path]) -> None:
+    v = bench[0]["versus_siril"]
+    assert v["siril_version"].startswith("siril ")
+    assert v["siril_finished"], "siril-cli did not finish its script"
+    for side in ("nightshift", "baseline", "siril"):
+        assert _positive(v["whole_night_s"][side]), side
+        assert len(v["stack_fwhm_px"][side]) == 4, side  # 2 filters x 2 exposures
+    assert v["ratio_whole_night_vs_siril"] == pytest.approx(
+        v["whole_night_s"]["siril"] / v["whole_night_s"]["nightshift"], rel=0.05
+    )
+    # stars of a 3 px seeing night: any side's stack far outside this range was measured wrong
+    for side, fwhm in v["stack_fwhm_px_median"].items():
+        assert fwhm is not None and 2.0 < fwhm < 6.0, (side, fwhm)
 
 
 def test_daemon_latency(bench: tuple[dict, dict, Path]) -> None:
