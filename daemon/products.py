@@ -88,6 +88,11 @@ class Layout:
         f = safe_component(filt, default="nofilter")
         return safe_join(self.root, "previews", night, "stacks", f"{o}_{f}_{_exp(exptime)}.png")
 
+    def thumbnail(self, stored_preview: str) -> Path:
+        """The small JPEG of the preview at archive path ``stored_preview``: ``thumbs/<name>.jpg`` beside it."""
+        preview = Path(stored_preview)
+        return safe_join(self.root, *preview.parent.parts, "thumbs", preview.stem + ".jpg")
+
     def quarantine_note(self, frame: dict[str, Any]) -> Path:
         night = frame.get("night") or "undated"
         return safe_join(self.root, "quarantine", night, self._stem(frame) + ".json")

@@ -1,40 +1,54 @@
-"""The night report: one self-contained HTML page of what the archive holds for an observing night.
+"""The night report: one HTML page of what the archive holds for an observing night.
 
-``nightshift report --night N`` writes it. The page needs nothing but itself: the CSS is inline, the pictures
-are the PNG previews already in the archive embedded as ``data:`` URIs, the grading plots are inline SVG drawn
-here, and a Content-Security-Policy forbids scripts and any fetch. Every string that comes from a header or a
-file name (OBJECT, FILTER, paths, reasons) is escaped, because whoever wrote the FITS file chose it.
+The daemon keeps it up to date as the night goes and writes it when the night ends, ``nightshift reduce`` writes
+one per night it reduced, and ``nightshift report --night N`` writes it on demand. The CSS is inline, the grading
+plots are inline SVG drawn here, and a Content-Security-Policy forbids scripts and any fetch from elsewhere.
+Every string that comes from a header or a file name (OBJECT, FILTER, paths, reasons) is escaped, because
+whoever wrote the FITS file chose it.
 
-A long night must not make a huge page: at most :data:`MAX_FRAME_PREVIEWS` frame previews are embedded, and
-all pictures together at most :data:`MAX_IMAGE_BYTES` of PNG; the page says what it left out.
+The pictures are small JPEG thumbnails of the PNG previews in the archive (``previews/<night>/.../thumbs/``,
+made the first time a report needs them and again when a preview changes; never from the FITS files), each a
+relative link to its full-size preview, so the page stays small and fast for a night of hundreds of lights and
+the archive folder can be moved or served as it is. With ``embed=True`` (``nightshift report --embed``) the
+page is a single self-contained file instead, for mailing: at most :data:`MAX_FRAME_PREVIEWS` frame thumbnails
+and :data:`MAX_IMAGE_BYTES` of pictures are embedded as ``data:`` URIs, with no link out; it says what it left
+out.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
+import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from nightshift.daemon.archive import FRAME_STATUSES, Archive, now_iso
 from nightshift.daemon.products import Layout
 from nightshift.service.fitsio import write_bytes_atomic
+from nightshift.service.preview import thumbnail_jpeg
+from PIL import Image as PILImage
 
 __all__ = ["MAX_FRAME_PREVIEWS", "MAX_IMAGE_BYTES", "UNDATED_WINDOW", "render_report", "write_report"]
 
-#: Raw-vs-calibrated frame previews embedded in one page, at most.
+log = logging.getLogger("nightshift.report")
+
+#: Frame thumbnails embedded in a self-contained page, at most (a linked page shows every light's).
 MAX_FRAME_PREVIEWS = 24
-#: PNG bytes embedded in one page, at most (stack pictures first, then frame previews); base64 adds a third.
-MAX_IMAGE_BYTES = 12 * 2**20
+#: JPEG bytes embedded in a self-contained page, at most (stack pictures first, then frames); base64 adds a third.
+MAX_IMAGE_BYTES = 6 * 2**20
 #: Quarantined files with no night (no readable DATE-OBS) are listed with a night when they were first seen
 #: between this long before its first frame was recorded and this long after its last.
 UNDATED_WINDOW = timedelta(hours=1)
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_URI = "data:image/jpeg;base64,"
 _KIND_ORDER = ("bias", "dark", "darkflat", "flat", "light", "-")
 #: Plot colours of common filters; other filters take the palette in turn.
 _FILTER_COLOURS = {
@@ -102,10 +116,21 @@ def _clock(date_obs: str | None) -> str:
     return t.strftime("%H:%M:%S") if t else "&ndash;"
 
 
-def _name(row: dict[str, Any]) -> str:
-    """A frame's file name, with its full path as the hover text."""
+def _name(row: dict[str, Any], href: str | None = None) -> str:
+    """A frame's file name, with its full path as the hover text and, given ``href``, a link there."""
     path = row.get("path") or ""
+    if href:
+        return f'<a href="{_e(href)}" title="{_e(path)}">{_e(Path(path).name)}</a>'
     return f'<span title="{_e(path)}">{_e(Path(path).name)}</span>'
+
+
+def _img(pic: _Picture, alt: str, *, lazy: bool = False) -> str:
+    """An ``<img>`` of ``pic``, wrapped in a link to its full-size preview when it has one."""
+    loading = ' loading="lazy"' if lazy else ""
+    img = f'<img src="{_e(pic.src)}" width="{pic.width}" height="{pic.height}"{loading} alt="{_e(alt)}">'
+    if pic.href:
+        return f'<a href="{_e(pic.href)}" title="full-size preview">{img}</a>'
+    return img
 
 
 def _status(status: str | None) -> str:
@@ -122,32 +147,86 @@ def _table(headers: list[str], rows: list[list[str]], *, cls: str = "") -> str:
 
 # -- pictures ---------------------------------------------------------------------------------------------------
 @dataclass
+class _Picture:
+    """A picture as the page shows it: ``src`` for the ``<img>``, ``href`` the full-size preview (None: no link)."""
+
+    src: str
+    width: int
+    height: int
+    href: str | None
+
+
+@dataclass
 class _Pictures:
-    """Reads previews from the archive and embeds them while the byte budget lasts."""
+    """The thumbnails of the archive's previews, made once (and again when a preview changes), then linked from
+    the page or embedded in it while the byte budget lasts.
+
+    ``page_dir`` is the folder the page is written to: pictures are relative links from there. None embeds them.
+    """
 
     layout: Layout
+    page_dir: Path | None
     budget: int
     used: int = 0
+    made: int = 0
     over_budget: int = 0
     missing: list[str] = field(default_factory=list)
 
-    def data_uri(self, stored: str | None) -> str | None:
-        """The preview at archive path ``stored`` as a data URI; None when missing, not a PNG, or over budget."""
+    @property
+    def embed(self) -> bool:
+        return self.page_dir is None
+
+    def picture(self, stored: str | None) -> _Picture | None:
+        """The thumbnail of the preview at archive path ``stored``; None when missing, unreadable or over budget."""
         if not stored:
             return None
         try:
-            data = self.layout.absolute(stored).read_bytes()
-        except (OSError, ValueError):
+            preview = self.layout.absolute(stored)
+            thumb, data = self._thumbnail(preview, self.layout.thumbnail(stored))
+            with PILImage.open(io.BytesIO(data) if data is not None else thumb) as im:
+                width, height = im.size
+        except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
+            log.warning("report: no picture of %s: %s", stored, exc)
             self.missing.append(stored)
             return None
-        if not data.startswith(_PNG_SIGNATURE):
-            self.missing.append(stored)
+        if self.page_dir is None:
+            assert data is not None
+            if self.used + len(data) > self.budget:
+                self.over_budget += 1
+                return None
+            self.used += len(data)
+            return _Picture(JPEG_URI + base64.b64encode(data).decode("ascii"), width, height, None)
+        return _Picture(self._link(thumb or preview), width, height, self._link(preview))
+
+    def _thumbnail(self, preview: Path, thumb: Path) -> tuple[Path | None, bytes | None]:
+        """The thumbnail's file (None when it cannot be written) and, when embedding or just made, its bytes."""
+        made = preview.stat().st_mtime_ns
+        try:
+            if thumb.stat().st_mtime_ns >= made:
+                return thumb, thumb.read_bytes() if self.embed else None
+        except OSError:
+            pass
+        data = thumbnail_jpeg(preview.read_bytes())
+        try:
+            write_bytes_atomic(thumb, data)
+        except OSError as exc:  # an archive this user may only read: the page makes do without the file
+            log.warning("report: cannot write thumbnail %s: %s", thumb, exc)
+            return None, data
+        self.made += 1
+        return thumb, data
+
+    def link(self, stored: str | None) -> str | None:
+        """A relative link from the page to the archive file at ``stored``; None when embedding."""
+        if not stored or self.page_dir is None:
             return None
-        if self.used + len(data) > self.budget:
-            self.over_budget += 1
+        try:
+            return self._link(self.layout.absolute(stored))
+        except ValueError:
             return None
-        self.used += len(data)
-        return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+    def _link(self, path: Path) -> str:
+        assert self.page_dir is not None
+        return quote(Path(os.path.relpath(path, self.page_dir)).as_posix())
 
 
 def _pick_previews(lights: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -431,9 +510,9 @@ def _stacks(d: dict[str, Any], pics: _Pictures) -> str:
         return _section("stacks", "Stacks", '<p class="muted">No stack this night.</p>')
     cards = []
     for s in d["stacks"]:
-        uri = pics.data_uri(s["preview_path"])
+        pic = pics.picture(s["preview_path"])
         alt = f"stack {s['object'] or ''} {s['filter'] or ''} {s['exptime'] or 0:g}s"
-        picture = f'<img src="{uri}" alt="{_e(alt)}">' if uri else '<div class="nopic">picture not embedded</div>'
+        picture = _img(pic, alt) if pic else '<div class="nopic">no picture</div>'
         state = s["state"] or "-"
         cards.append(
             f'<figure class="stack">{picture}<figcaption><b>{_e(s["object"])}</b> &middot; {_e(s["filter"])} '
@@ -462,14 +541,14 @@ def _masters_used(f: dict[str, Any]) -> str:
     return f'<span class="ids">{ids}</span><br><span class="note">{_e(f["calibration_note"])}</span>'
 
 
-def _lights(d: dict[str, Any]) -> str:
+def _lights(d: dict[str, Any], pics: _Pictures) -> str:
     if not d["lights"]:
         return _section("lights", "Lights", '<p class="muted">No light this night.</p>')
     rows = [
         [
             f"#{f['id']}",
             _clock(f["date_obs"]),
-            _name(f),
+            _name(f, pics.link(f["preview_path"])),
             f"{_e(f['object'])}<br>{_e(f['filter'])} &middot; {_exp(f['exptime'])}",
             _status(f["status"]),
             f'<span class="reason">{_e(f["reason"])}</span>',
@@ -558,16 +637,16 @@ def _plots(d: dict[str, Any]) -> str:
     return _section("grading", "Grading over the night", body)
 
 
-def _previews(d: dict[str, Any], pics: _Pictures, max_previews: int) -> str:
+def _previews(d: dict[str, Any], pics: _Pictures, max_previews: int | None) -> str:
     candidates = [f for f in d["lights"] if f["preview_path"]]
     if not candidates:
         return _section("previews", "Frame previews", '<p class="muted">No frame preview in the archive.</p>')
-    chosen = _pick_previews(candidates, max_previews)
+    chosen = candidates if max_previews is None else _pick_previews(candidates, max_previews)
     figures = []
     before = pics.over_budget
     for f in chosen:
-        uri = pics.data_uri(f["preview_path"])
-        if uri is None:
+        pic = pics.picture(f["preview_path"])
+        if pic is None:
             continue
         caption = (
             f"#{f['id']} {_clock(f['date_obs'])} &middot; {_name(f)} &middot; {_e(f['filter'])} "
@@ -575,10 +654,9 @@ def _previews(d: dict[str, Any], pics: _Pictures, max_previews: int) -> str:
         )
         if f["reason"]:
             caption += f' <span class="reason">{_e(f["reason"])}</span>'
-        figures.append(
-            f'<figure class="preview"><img src="{uri}" alt="{_e("raw and calibrated frame " + str(f["id"]))}">'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
+        alt = f"raw and calibrated frame {f['id']}"
+        cls = "preview rejected" if f["status"] == "rejected" else "preview"
+        figures.append(f'<figure class="{cls}">{_img(pic, alt, lazy=True)}<figcaption>{caption}</figcaption></figure>')
     notes = []
     if len(chosen) < len(candidates):
         notes.append(
@@ -591,11 +669,16 @@ def _previews(d: dict[str, Any], pics: _Pictures, max_previews: int) -> str:
             f"{_mib(pics.budget)}."
         )
     cap = "".join(f'<p class="capped">{n}</p>' for n in notes)
+    where = (
+        "The full-size previews of every frame are in the archive under previews/."
+        if pics.embed
+        else "Click a picture for its full-size preview."
+    )
     intro = (
         f'<p class="muted">Showing {len(figures)} of {len(candidates)}: raw frame on the left, calibrated on the '
-        "right. The previews of every frame are in the archive under previews/.</p>"
+        f"right. {where}</p>"
     )
-    return _section("previews", "Frame previews", intro + cap + "".join(figures))
+    return _section("previews", "Frame previews", intro + cap + '<div class="thumbs">' + "".join(figures) + "</div>")
 
 
 _CSS = """
@@ -636,9 +719,10 @@ table.lights td:nth-child(3){overflow-wrap:break-word}
 .stacks{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0}
 figure.stack{width:360px;border:1px solid #dde2e8;border-radius:4px;padding:8px;background:#fafbfc}
-figure.stack img{width:100%;image-rendering:auto;background:#000}
-figure.preview{margin:10px 0}
-figure.preview img{max-width:100%;background:#000}
+figure.stack img{width:100%;height:auto;image-rendering:auto;background:#000;display:block}
+.thumbs{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:14px}
+figure.preview img{width:100%;height:auto;background:#000;display:block}
+figure.rejected img{outline:3px solid #d62728}
 figcaption{font-size:13px;margin-top:4px}
 .nopic{height:200px;display:flex;align-items:center;justify-content:center;background:#eee;color:#777}
 .plots{display:flex;flex-wrap:wrap;gap:16px}
@@ -651,15 +735,19 @@ svg .ptitle{font-size:14px;font-weight:600;fill:#1d232a}
 footer{padding:0 28px 24px;color:#6b7480;font-size:12px}
 """
 
-#: Nothing may load or run: only inline styles and data: images.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+#: Nothing may run, and nothing load from elsewhere: inline styles; images embedded or from the archive folder.
+_CSP = "default-src 'none'; img-src {img}; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+_CSP_EMBEDDED = _CSP.format(img="data:")
+_CSP_LINKED = _CSP.format(img="'self' file:")
 
 
 def render_report(
     archive: Archive,
     night: str,
     *,
-    max_frame_previews: int = MAX_FRAME_PREVIEWS,
+    page_dir: Path | None = None,
+    embed: bool = False,
+    max_frame_previews: int | None = None,
     max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> str:
     """The HTML page of ``night`` as a string.
@@ -667,23 +755,35 @@ def render_report(
     Parameters
     ----------
     archive : Archive
-        The archive to read (only read).
+        The archive to read (only read; thumbnails of its previews are written when missing).
     night : str
         Observing night ``YYYY-MM-DD`` as in ``frames.night``.
-    max_frame_previews : int
-        Raw-vs-calibrated previews to embed at most.
+    page_dir : Path, optional
+        The folder the page will be written to, which its links are relative to; default ``<archive>/reports``.
+    embed : bool
+        A self-contained page: thumbnails embedded as ``data:`` URIs, no link out of the page.
+    max_frame_previews : int, optional
+        Frame thumbnails to show at most; default every light's, or :data:`MAX_FRAME_PREVIEWS` when embedding.
     max_image_bytes : int
-        PNG bytes to embed at most, stack pictures first; what does not fit is left out and the page says so.
+        When embedding, JPEG bytes to embed at most, stack pictures first; what does not fit is left out and the
+        page says so.
     """
     from nightshift.service import __version__
 
+    layout = Layout(archive.root)
+    if embed:
+        where = None
+        if max_frame_previews is None:
+            max_frame_previews = MAX_FRAME_PREVIEWS
+    else:
+        where = Path(page_dir).resolve() if page_dir is not None else layout.report(night).parent
     d = _collect(archive, night)
-    pics = _Pictures(Layout(archive.root), budget=max_image_bytes)
+    pics = _Pictures(layout, where, budget=max_image_bytes)
     sections = [
         _summary(d),
         _stacks(d, pics),
         _plots(d),
-        _lights(d),
+        _lights(d, pics),
         _rejected(d),
         _quarantined(d),
         _masters(d),
@@ -692,7 +792,7 @@ def render_report(
     missing = ""
     if pics.missing:
         missing = (
-            f'<p class="muted">{len(pics.missing)} preview file(s) named in the archive are missing or not PNG.</p>'
+            f'<p class="muted">{len(pics.missing)} preview file(s) named in the archive are missing or unreadable.</p>'
         )
     nav = "".join(
         f'<a href="#{sid}">{label}</a>'
@@ -707,17 +807,20 @@ def render_report(
             ("previews", "Previews"),
         )
     )
+    if embed:
+        footer = f"A self-contained page: {_mib(pics.used)} of thumbnails embedded, nothing loaded from elsewhere."
+    else:
+        footer = "Pictures are thumbnails from the archive's previews/ folder; each links to its full-size preview."
     title = f"nightshift: night {night}"
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP_EMBEDDED if embed else _CSP_LINKED}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f"<header><h1>Night {_e(night)}</h1><p>nightshift report &middot; archive {_e(archive.root)}</p></header>"
         f"<nav>{nav}</nav><main>{''.join(sections)}{missing}</main>"
-        f"<footer>Written {_e(now_iso())} UTC by nightshift {_e(__version__)}. A self-contained page: "
-        f"{_mib(pics.used)} of PNG previews embedded, nothing loaded from elsewhere.</footer>"
+        f"<footer>Written {_e(now_iso())} UTC by nightshift {_e(__version__)}. {footer}</footer>"
         "</body></html>\n"
     )
 
@@ -727,7 +830,8 @@ def write_report(
     night: str,
     *,
     out: Path | None = None,
-    max_frame_previews: int = MAX_FRAME_PREVIEWS,
+    embed: bool = False,
+    max_frame_previews: int | None = None,
     max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Path:
     """Write the HTML page of ``night`` atomically and return its path.
@@ -739,11 +843,21 @@ def write_report(
     night : str
         Observing night ``YYYY-MM-DD``.
     out : Path, optional
-        Where to write; default ``<archive>/reports/night-<night>.html``.
+        Where to write; default ``<archive>/reports/night-<night>.html``. The page's links are relative to its
+        folder.
+    embed : bool
+        A self-contained single file (see :func:`render_report`).
     max_frame_previews, max_image_bytes : int
-        Caps on what is embedded (see :func:`render_report`).
+        Caps on what is shown and embedded (see :func:`render_report`).
     """
     path = Path(out) if out is not None else Layout(archive.root).report(night)
-    page = render_report(archive, night, max_frame_previews=max_frame_previews, max_image_bytes=max_image_bytes)
+    page = render_report(
+        archive,
+        night,
+        page_dir=path.parent,
+        embed=embed,
+        max_frame_previews=max_frame_previews,
+        max_image_bytes=max_image_bytes,
+    )
     write_bytes_atomic(path, page.encode("utf-8"))
     return path

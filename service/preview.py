@@ -3,6 +3,7 @@
 Frames are block-averaged down to a screen width, stretched to 8-bit grayscale (zscale, or a percentile range as
 in the reference notebook), shown with FITS row 0 at the bottom (as ``imshow(origin="lower")`` does) and encoded
 with Pillow. The functions return PNG bytes; writing them (atomically) is the caller's job.
+:func:`thumbnail_jpeg` makes a small JPEG of such a preview for pages that show many of them (the night report).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from astropy.visualization import ZScaleInterval
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-__all__ = ["downsample", "preview_png", "side_by_side_png", "stretch"]
+__all__ = ["downsample", "preview_png", "side_by_side_png", "stretch", "thumbnail_jpeg"]
 
 #: Values sampled to choose the stretch limits (a strided subset of the frame).
 _STRETCH_SAMPLES = 250_000
@@ -23,6 +24,10 @@ _STRETCH_SAMPLES = 250_000
 _CAPTION = 14
 #: Gap (pixels) between the panels of a side-by-side preview.
 _GAP = 4
+#: Longer side (pixels) of a thumbnail: a side-by-side preview of 1200 px becomes two panels of ~240 px.
+THUMBNAIL_SIZE = 480
+#: JPEG quality of a thumbnail: a noisy sky of 480 x 246 px is ~30 kB, stars and clouds still plain to see.
+THUMBNAIL_QUALITY = 70
 
 
 def downsample(
@@ -173,3 +178,28 @@ def side_by_side_png(
     canvas[_CAPTION : _CAPTION + left.shape[0], : left.shape[1]] = left
     canvas[_CAPTION : _CAPTION + right.shape[0], left.shape[1] + _GAP :] = right
     return _png(pixels=canvas)
+
+
+def thumbnail_jpeg(image: bytes, *, max_size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    """A small JPEG of a preview, for a page that shows many.
+
+    Parameters
+    ----------
+    image : bytes
+        The preview, PNG (or any format Pillow reads); grayscale stays grayscale, anything else becomes RGB.
+    max_size : int
+        The thumbnail's longer side at most, in pixels; a smaller image is not enlarged.
+    quality : int
+        JPEG quality, 1 to 95.
+
+    Returns
+    -------
+    bytes
+        The JPEG file.
+    """
+    with PILImage.open(io.BytesIO(image)) as im:
+        small = im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")
+    small.thumbnail((max_size, max_size), PILImage.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
