@@ -87,10 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--object")
     p.add_argument("--frame", type=int, help="frame id")
 
-    p = sub.add_parser("report", help="write a self-contained HTML page for a night")
+    p = sub.add_parser("report", help="write the HTML page of a night")
     _common(p)
     p.add_argument("--night", help="observing night YYYY-MM-DD (default: the latest)")
     p.add_argument("--out", type=Path, help="output file (default: <archive>/reports/night-<night>.html)")
+    p.add_argument(
+        "--embed", action="store_true", help="one self-contained file with the pictures inside (for mailing)"
+    )
 
     p = sub.add_parser("check-config", help="validate a configuration file and print the result")
     _common(p, archive=False)
@@ -285,6 +288,8 @@ def _cmd_reduce(args: argparse.Namespace, config: Config) -> int:
     else:
         print(f"reduced {summary['files']} file(s) in {summary['seconds']['total']:.1f} s into {config.archive.path}")
         _print_summary(summary)
+        for night, path in summary["reports"].items():
+            print(f"report of night {night}: {path}")
     return EXIT_OK
 
 
@@ -401,7 +406,7 @@ def _cmd_report(args: argparse.Namespace, config: Config) -> int:
         if not night:
             print("nightshift: the archive has no frames yet", file=sys.stderr)
             return EXIT_FAILURE
-        path = write_report(archive, night, out=args.out)
+        path = write_report(archive, night, out=args.out, embed=args.embed)
     finally:
         archive.close()
     print(path)

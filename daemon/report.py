@@ -36,7 +36,15 @@ from nightshift.service.fitsio import write_bytes_atomic
 from nightshift.service.preview import thumbnail_jpeg
 from PIL import Image as PILImage
 
-__all__ = ["MAX_FRAME_PREVIEWS", "MAX_IMAGE_BYTES", "UNDATED_WINDOW", "render_report", "write_report"]
+__all__ = [
+    "MAX_FRAME_PREVIEWS",
+    "MAX_IMAGE_BYTES",
+    "UNDATED_WINDOW",
+    "NightReports",
+    "render_report",
+    "write_report",
+    "write_reports",
+]
 
 log = logging.getLogger("nightshift.report")
 
@@ -861,3 +869,51 @@ def write_report(
     )
     write_bytes_atomic(path, page.encode("utf-8"))
     return path
+
+
+def write_reports(archive: Archive, nights: list[str]) -> dict[str, Path]:
+    """Write the page of each of ``nights`` at its default place; returns {night: path} of those written.
+
+    A page that cannot be written is logged and left out; the others are still written.
+    """
+    written = {}
+    for night in nights:
+        try:
+            written[night] = write_report(archive, night)
+        except Exception:
+            log.exception("the report of night %s could not be written", night)
+    return written
+
+
+class NightReports:
+    """The daemon's reports: the page of every night whose frames, masters or stacks changed since the last
+    :meth:`refresh` is rewritten (thumbnails already made are reused, so a refresh costs little)."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.since = now_iso()
+
+    def changed_nights(self) -> list[str]:
+        """Nights with a row changed since the last refresh (or since this object was made)."""
+        rows = self.archive.query(
+            "SELECT night FROM frames WHERE updated_at >= :t UNION SELECT night FROM stacks WHERE updated_at >= :t "
+            "UNION SELECT night FROM masters WHERE created_at >= :t",
+            {"t": self.since},
+        )
+        return sorted(r["night"] for r in rows if r["night"])
+
+    def write(self, night: str) -> Path | None:
+        """Rewrite the page of ``night`` now (the night has ended); returns its path, None if it failed."""
+        path = write_reports(self.archive, [night]).get(night)
+        if path is not None:
+            log.info("report of night %s: %s", night, path)
+        return path
+
+    def refresh(self) -> dict[str, Path]:
+        """Rewrite the page of every night that changed since the last refresh; returns {night: path}."""
+        start = now_iso()
+        written = write_reports(self.archive, self.changed_nights())
+        self.since = start
+        for night, path in written.items():
+            log.debug("report of night %s updated: %s", night, path)
+        return written
