@@ -12,9 +12,10 @@ from typing import Any
 
 from nightshift.daemon.archive import now_iso
 from nightshift.daemon.pipeline import Pipeline
+from nightshift.daemon.report import write_reports
 from nightshift.daemon.watcher import is_wanted
 
-__all__ = ["Progress", "reduce_folders", "reprocess", "scan_folder"]
+__all__ = ["Progress", "nights_of", "reduce_folders", "reprocess", "scan_folder"]
 
 log = logging.getLogger("nightshift.batch")
 
@@ -50,8 +51,11 @@ def scan_folder(folder: Path, include: list[str], exclude: list[str]) -> list[Pa
     return out
 
 
-def reduce_folders(pipeline: Pipeline, folders: list[Path], *, show_progress: bool = True) -> dict[str, Any]:
-    """Ingest every wanted file of ``folders``, run the pipeline to the end of each night, and summarise."""
+def reduce_folders(
+    pipeline: Pipeline, folders: list[Path], *, show_progress: bool = True, reports: bool = True
+) -> dict[str, Any]:
+    """Ingest every wanted file of ``folders``, run the pipeline to the end of each night, write the report of
+    each night the files belong to (``reports``; summary key ``reports``: {night: path}), and summarise."""
     w = pipeline.config.watch
     files: list[Path] = []
     for folder in folders:
@@ -67,9 +71,24 @@ def reduce_folders(pipeline: Pipeline, folders: list[Path], *, show_progress: bo
     progress = Progress("process") if show_progress else None
     pipeline.end_night(progress=progress.step if progress else None)
     summary = pipeline.summary()
+    if reports:
+        summary["reports"] = write_reports(pipeline.archive, nights_of(pipeline, files))
     summary["files"] = len(files)
     summary["seconds"] = {"ingest": round(t_ingest, 3), "total": round(time.monotonic() - t0, 3)}
     return summary
+
+
+def nights_of(pipeline: Pipeline, files: list[Path]) -> list[str]:
+    """The observing nights of the archived frames at ``files`` (absolute paths, as ingested)."""
+    nights: set[str] = set()
+    paths = [str(f) for f in files]
+    for i in range(0, len(paths), 500):  # SQLite's limit on query parameters
+        chunk = paths[i : i + 500]
+        rows = pipeline.archive.query(
+            f"SELECT DISTINCT night FROM frames WHERE path IN ({','.join('?' * len(chunk))})", chunk
+        )
+        nights.update(r["night"] for r in rows if r["night"])
+    return sorted(nights)
 
 
 def reprocess(

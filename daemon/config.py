@@ -106,6 +106,11 @@ class ProcessingConfig:
 
 
 @dataclass
+class ReportConfig:
+    interval_seconds: float = 300.0
+
+
+@dataclass
 class MetricsConfig:
     listen: str = "127.0.0.1:9810"
 
@@ -126,6 +131,7 @@ class Config:
     grading: GradingConfig = field(default_factory=GradingConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
     processing: ProcessingConfig = field(default_factory=ProcessingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "defaults"  # where it was read from, for messages
@@ -267,6 +273,8 @@ def _validate(cfg: Config) -> None:
         raise _expect("[stacking] sigma / mem_limit_mb", "numbers > 0", (cfg.stacking.sigma, cfg.stacking.mem_limit_mb))
     if not 1 <= cfg.processing.workers <= 64:
         raise _expect("[processing] workers", "a whole number from 1 to 64", cfg.processing.workers)
+    if cfg.report.interval_seconds < 0:
+        raise _expect("[report] interval_seconds", "a number >= 0", cfg.report.interval_seconds)
     parse_listen(cfg.metrics.listen)
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise _expect("[logging] level", "debug, info, warning or error", cfg.logging.level)

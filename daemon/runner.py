@@ -20,6 +20,7 @@ from nightshift.daemon.archive import Archive
 from nightshift.daemon.config import Config, ConfigError, load_config
 from nightshift.daemon.metrics import Metrics
 from nightshift.daemon.pipeline import Pipeline
+from nightshift.daemon.report import NightReports
 from nightshift.daemon.sdnotify import Notifier, WatchdogGate
 from nightshift.daemon.watcher import FolderWatcher, Incomplete, WatchOptions
 
@@ -66,6 +67,7 @@ class Daemon:
         self.paused = False
         self.notifier = Notifier()
         self.metrics_address: tuple[str, int] | None = None
+        self.reports: NightReports | None = None  # the night reports, kept up to date while running
 
     # -- signals --------------------------------------------------------------------------------------------------
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -131,6 +133,7 @@ class Daemon:
         metrics.watch_archive_free(root)
         listen = self.metrics_listen if self.metrics_listen is not None else self.config.metrics.listen
         pipeline = Pipeline(self.config, archive, metrics, workers=self.config.processing.workers)
+        self.reports = NightReports(archive)
         watcher = FolderWatcher(watch_options(self.config), known=archive.known)
         try:
             self.metrics_address = metrics.start_server(listen)
@@ -144,6 +147,8 @@ class Daemon:
             )
             self.notifier.ready(f"watching {len(self.config.watch.paths)} folder(s)")
             self._loop(pipeline, watcher, metrics, until)
+            if not self.paused:
+                self.reports.refresh()  # the pages show the nights as they are when the daemon stops
         finally:
             self.notifier.stopping("stopping")
             watcher.stop()
@@ -163,6 +168,7 @@ class Daemon:
         gate = WatchdogGate(self.notifier.ping_period)
         next_gauges = next_disk = next_nights = next_watcher_check = 0.0
         root = Path(self.config.archive.path)
+        next_report = time.monotonic() + self.config.report.interval_seconds
         while not self.stop_event.is_set():
             now = time.monotonic()
             if self.reload_requested:
@@ -199,6 +205,11 @@ class Daemon:
                         log.info("night %s is over: final masters, calibrations and stacks", night)
                         pipeline.end_night(night)
                         metrics.new_night()
+                        self.reports.write(night)
+                interval = self.config.report.interval_seconds
+                if interval > 0 and now >= next_report:
+                    next_report = now + interval
+                    self.reports.refresh()
             gate.progress()
             gate.maybe_ping(self.notifier)
             if now >= next_gauges:

@@ -118,6 +118,11 @@ def test_simulate_reduce_and_listings(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"reduced {n_files} file(s)" in result.stdout
     assert "[ingest]" in result.stderr, "long batch work shows progress"
+    # the report of the night it reduced (the simulated night starts in the evening of its date)
+    report = archive / "reports" / "night-2026-11-25.html"
+    assert f"report of night 2026-11-25: {report}" in result.stdout.splitlines()
+    lights = [p.name for p in camera.rglob("*Light*") if "broken" not in str(p)]
+    assert lights and all(name in report.read_text(encoding="utf-8") for name in lights)
     result = nightshift("frames", "--archive", str(archive), "--json")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == n_files

@@ -55,7 +55,12 @@ def test_daemon_processes_a_live_night_and_metrics_match_the_archive(tmp_path: P
     camera.mkdir()
     port = _free_port()
     cfg = write_config_file(
-        tmp_path / "n.toml", camera, archive_dir, metrics={"listen": f"127.0.0.1:{port}"}, processing={"workers": 2}
+        tmp_path / "n.toml",
+        camera,
+        archive_dir,
+        metrics={"listen": f"127.0.0.1:{port}"},
+        processing={"workers": 2},
+        report={"interval_seconds": 1},
     )
     proc = start_nightshift("run", "--config", str(cfg))
     proc.wait_for_log("watching")
@@ -131,6 +136,11 @@ def test_daemon_processes_a_live_night_and_metrics_match_the_archive(tmp_path: P
 
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+    # the night's report, kept up to date while the daemon runs: every light of the night is in it
+    report = archive_dir / "reports" / f"night-{plan.config.start[:10]}.html"  # an evening start: that night
+    lights = [Path(f.name).name for f in plan.frames if f.kind == "light" and not f.broken]
+    assert lights
+    wait_until(lambda: report.is_file() and all(n in report.read_text() for n in lights), 30, "an up-to-date report")
     assert proc.stop() == 0
     assert "archive closed" in proc.log()
 
