@@ -1,6 +1,7 @@
 """The ``nightshift`` command line: a public contract (README, "Command line").
 
-Exit codes: 0 ok, 2 usage or configuration error, 1 failure.
+Exit codes: 0 ok, 2 usage or configuration error, 1 failure, 141 (128 + SIGPIPE) when the reader of the output went
+away (``nightshift frames | head``): the command stops quietly, as Unix tools do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("nightshift")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
 
 
 def _common(parser: argparse.ArgumentParser, *, archive: bool = True) -> None:
@@ -173,6 +174,27 @@ def _sim_config(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``nightshift`` command; returns its exit code."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # what is still buffered meets a reader that went away here, not at interpreter exit
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away: send what is left to /dev/null (so the flush at exit is quiet too)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (captured in-process): nothing will be flushed to it
+        pass
+    return EXIT_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from nightshift.daemon.logs import setup_logging
@@ -211,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except BrokenPipeError:
+        raise  # the reader went away: main stops quietly
     except Exception as exc:
         log.exception("nightshift %s failed", args.command)
         print(f"nightshift: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ and the configuration's one clear message per mistake."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -11,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from nightshift.daemon.archive import Archive
 from nightshift.daemon.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,3 +182,44 @@ def test_readme_tells_every_command_config_key_and_table() -> None:
 
     names = [m.name for m in migrations.pending(sqlite_utils.Database(memory=True))]
     assert names and all(f"`{name}`" in readme for name in names), "every migration is noted in the README"
+
+
+# -- in a pipe ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def long_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An archive with more rows than a pipe holds (64 kB), so a reader that stops early really goes away."""
+    root = tmp_path_factory.mktemp("long") / "archive"
+    a = Archive(root)
+    try:
+        with a.transaction():
+            for i in range(2000):
+                a.record_frame(
+                    {
+                        "path": f"/camera/2026-11-25/frame_{i:05d}.fits",
+                        "night": "2026-11-25",
+                        "status": "quarantined",
+                        "reason": f"not_fits: frame_{i:05d}.fits does not start with SIMPLE = T",
+                    }
+                )
+                a.put("masters", {"kind": "bias", "path": f"masters/2026-11-25/bias/bias_{i:05d}_v1.fits"})
+                stack = {"object": f"object {i}", "filter": "V", "exptime": 30.0, "night": "2026-11-25"}
+                a.put("stacks", {**stack, "path": f"stacks/{i}.fits", "n_frames": 4, "state": "final"})
+    finally:
+        a.close()
+    return root
+
+
+@pytest.mark.parametrize(
+    "command", [["frames"], ["frames", "--json"], ["quarantine"], ["masters"], ["stacks", "--json"], ["status"]]
+)
+def test_listings_stop_quietly_when_the_reader_goes_away(long_archive: Path, tmp_path: Path, command: list[str]):
+    """``nightshift frames | head -1`` in a real shell: the first line, then a quiet stop (0 or 141 = SIGPIPE)."""
+    err, status = tmp_path / "stderr", tmp_path / "status"
+    args = shlex.join([sys.executable, "-m", "nightshift.daemon.cli", *command, "--archive", str(long_archive)])
+    script = f'{args} 2>{shlex.quote(str(err))} | head -1; echo "${{PIPESTATUS[0]}}" >{shlex.quote(str(status))}'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1, done
+    assert err.read_text() == ""
+    assert int(status.read_text()) in (0, 141)
+    whole = nightshift(*command, "--archive", str(long_archive))
+    assert whole.returncode == 0 and whole.stdout.splitlines()[0] == done.stdout.strip()
