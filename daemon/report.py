@@ -176,7 +176,7 @@ class _Pictures:
     page_dir: Path | None
     budget: int
     used: int = 0
-    made: int = 0
+    unwritable: int = 0
     over_budget: int = 0
     missing: list[str] = field(default_factory=list)
 
@@ -208,9 +208,9 @@ class _Pictures:
 
     def _thumbnail(self, preview: Path, thumb: Path) -> tuple[Path | None, bytes | None]:
         """The thumbnail's file (None when it cannot be written) and, when embedding or just made, its bytes."""
-        made = preview.stat().st_mtime_ns
+        drawn = preview.stat().st_mtime_ns
         try:
-            if thumb.stat().st_mtime_ns >= made:
+            if thumb.stat().st_mtime_ns >= drawn:
                 return thumb, thumb.read_bytes() if self.embed else None
         except OSError:
             pass
@@ -218,9 +218,10 @@ class _Pictures:
         try:
             write_bytes_atomic(thumb, data)
         except OSError as exc:  # an archive this user may only read: the page makes do without the file
-            log.warning("report: cannot write thumbnail %s: %s", thumb, exc)
+            if not self.unwritable:
+                log.warning("report: cannot write thumbnail %s (%s); the page shows the previews instead", thumb, exc)
+            self.unwritable += 1
             return None, data
-        self.made += 1
         return thumb, data
 
     def link(self, stored: str | None) -> str | None:

@@ -6,7 +6,14 @@ import io
 
 import numpy as np
 import pytest
-from nightshift.service.preview import downsample, preview_png, side_by_side_png, stretch
+from nightshift.service.preview import (
+    THUMBNAIL_SIZE,
+    downsample,
+    preview_png,
+    side_by_side_png,
+    stretch,
+    thumbnail_jpeg,
+)
 from PIL import Image as PILImage
 
 
@@ -89,3 +96,32 @@ def test_side_by_side_fits_max_width_and_shows_both():
     left, right = pixels[14:, :200], pixels[14:, 204:]
     assert abs(left[:67].mean() - left[67:].mean()) < 20
     assert right[:60].mean() > right[-60:].mean() + 100  # the brighter half (high rows) shown on top
+
+
+def test_thumbnail_is_a_small_jpeg_of_the_preview():
+    calibrated = _sky(shape=(1024, 1024), noise=20.0)
+    calibrated[700:720, 300:320] += 5000.0  # a bright star, high in the frame (shown near the top)
+    preview = side_by_side_png(calibrated, calibrated)  # 1200 px wide, noisy: a hard case for JPEG
+    thumb = thumbnail_jpeg(preview)
+    with PILImage.open(io.BytesIO(preview)) as big, PILImage.open(io.BytesIO(thumb)) as small:
+        assert small.format == "JPEG" and small.mode == "L"
+        assert max(small.size) == THUMBNAIL_SIZE
+        assert abs(small.size[0] / small.size[1] - big.size[0] / big.size[1]) < 0.01
+        scale = small.size[0] / big.size[0]
+        pixels = np.asarray(small)
+    assert len(thumb) < 60_000 < len(preview)
+    # the star, where the preview has it: panels of 512 px (block averages of 2), row 0 at the bottom, captioned
+    y, x = round((14 + (1024 - 710) / 2) * scale), round(310 / 2 * scale)
+    assert pixels[y - 2 : y + 3, x - 2 : x + 3].mean() > 200
+    assert np.median(pixels) < 200
+
+
+def test_thumbnail_keeps_colour_and_never_enlarges():
+    rgb = np.zeros((100, 150, 3), dtype=np.uint8)
+    rgb[..., 0] = 200  # red
+    buffer = io.BytesIO()
+    PILImage.fromarray(rgb).save(buffer, format="PNG")
+    with PILImage.open(io.BytesIO(thumbnail_jpeg(buffer.getvalue()))) as small:
+        assert small.mode == "RGB" and small.size == (150, 100)
+        r, g, b = np.asarray(small).reshape(-1, 3).mean(axis=0)
+    assert r > 180 and g < 20 and b < 20

@@ -10,6 +10,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from html.parser import HTMLParser
@@ -25,7 +26,7 @@ from nightshift.daemon.products import Layout
 from nightshift.daemon.report import MAX_FRAME_PREVIEWS, NightReports, render_report, write_report
 from nightshift.service.fitsio import write_bytes_atomic
 from nightshift.service.preview import THUMBNAIL_SIZE
-from nightshift.service.simulate import NightPlan
+from nightshift.service.simulate import NightPlan, SimConfig, simulate_night
 from PIL import Image as PILImage
 
 NIGHT = "2026-11-25"
@@ -574,3 +575,58 @@ def test_a_night_without_frames_says_so(tmp_path: Path) -> None:
     assert "holds no frame of this night" in d.shown("summary")
     assert "No stack this night" in d.shown("stacks")
     assert HOSTILE not in d.shown("quarantined")  # an undated file seen on another night is not listed
+
+
+# -- a night at 2k ------------------------------------------------------------------------------------------------
+#: The report of a night, pictures included, stays within this per light plus FIXED_BYTES (the page's own
+#: structure and one thumbnail per stack): a night of 200 lights stays under 12.5 MB, whichever the frame size.
+BYTES_PER_LIGHT = 60_000
+FIXED_BYTES = 500_000
+
+
+@pytest.mark.slow
+def test_a_2k_night_gives_a_small_report_that_renders(tmp_path: Path) -> None:
+    """A 2048 px night reduced by a real ``nightshift reduce``: its report shows thumbnails, not the PNGs, links
+    only into the archive, and stays within the size bound linked or embedded; chromium shows both."""
+    camera, root = tmp_path / "camera", tmp_path / "archive"
+    plan = simulate_night(camera, SimConfig(size=2048, n_light=4, n_bias=3, n_dark=3, n_flat=3))
+    n_lights = len(plan.by_kind("light"))
+    assert n_lights == 16
+    cli = [sys.executable, "-m", "nightshift.daemon.cli"]
+    done = subprocess.run(
+        [*cli, "reduce", str(camera), "--archive", str(root), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = Layout(root).report(NIGHT)
+    assert f"report of night {NIGHT}: {page}" in done.stdout
+    html = page.read_text(encoding="utf-8")
+    assert "data:image" not in html  # pictures are files: thumbnails shown, previews linked (below)
+    a = Archive(root, create=False)
+    try:
+        previews = previews_of(a)
+        stacks = a.scalar("SELECT COUNT(*) FROM stacks")
+    finally:
+        a.close()
+    shown, linked = check_links(page, root)
+    assert shown == {Layout(root).thumbnail(p) for p in previews} and linked == set(previews.values())
+    assert len(previews) == n_lights + stacks
+    size = page.stat().st_size + sum(p.stat().st_size for p in shown)
+    full = sum(p.stat().st_size for p in linked)
+    assert size <= BYTES_PER_LIGHT * n_lights + FIXED_BYTES, (size, full)
+    assert size < full / 4  # what embedding the PNGs used to cost
+    mail = tmp_path / "mail" / "night.html"
+    done = subprocess.run(
+        [*cli, "report", "--archive", str(root), "--embed", "--out", str(mail)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == str(mail), done.stderr[-3000:]
+    assert mail.stat().st_size <= BYTES_PER_LIGHT * n_lights + FIXED_BYTES
+    d = parse(chromium(page, tmp_path / "linked", "--dump-dom", "--window-size=1280,8000"))
+    assert len(d.pictures["previews"]) == n_lights and len(d.pictures["stacks"]) == stacks
+    d = parse(chromium(mail, tmp_path / "embedded", "--dump-dom"))
+    assert len(d.imgs["previews"]) == n_lights and all(s.startswith(JPEG_URI) for s in d.imgs["previews"])
