@@ -225,13 +225,14 @@ class _Pictures:
         return thumb, data
 
     def link(self, stored: str | None) -> str | None:
-        """A relative link from the page to the archive file at ``stored``; None when embedding."""
+        """A relative link from the page to the archive file at ``stored``; None when embedding or not there."""
         if not stored or self.page_dir is None:
             return None
         try:
-            return self._link(self.layout.absolute(stored))
+            path = self.layout.absolute(stored)
         except ValueError:
             return None
+        return self._link(path) if path.is_file() else None
 
     def _link(self, path: Path) -> str:
         assert self.page_dir is not None

@@ -400,6 +400,22 @@ def test_a_thumbnail_that_cannot_be_written_shows_the_preview_itself(archive: Ar
         copy.close()
 
 
+def test_a_missing_preview_is_left_out_and_said(archive: Archive, tmp_path: Path) -> None:
+    copy = copy_archive(archive, tmp_path / "archive")
+    try:
+        light = copy.one("SELECT * FROM frames WHERE kind = 'light' AND preview_path IS NOT NULL ORDER BY id LIMIT 1")
+        (copy.root / light["preview_path"]).unlink()
+        shutil.rmtree(copy.root / "previews" / NIGHT / "frames" / "thumbs", ignore_errors=True)
+        page = write_report(copy, NIGHT)
+        _shown, linked = check_links(page, copy.root)  # every link still leads to a file
+        d = parse(page.read_text(encoding="utf-8"))
+        assert len(d.pictures["previews"]) == 15 and len(d.links["lights"]) == 15
+        assert (copy.root / light["preview_path"]).resolve() not in linked
+        assert "1 preview file(s) named in the archive are missing or unreadable" in page.read_text(encoding="utf-8")
+    finally:
+        copy.close()
+
+
 def test_night_reports_rewrite_only_the_nights_that_changed(archive: Archive, tmp_path: Path) -> None:
     copy = copy_archive(archive, tmp_path / "archive")
     try:
