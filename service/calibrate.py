@@ -10,12 +10,12 @@ taken out twice, a flat of another filter is never used.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
 from astropy.io import fits
-from nightshift.service.frame import Image
+from nightshift.service import readout
+from nightshift.service.frame import FrameError, Image
 from nightshift.service.provenance import add_history, logged
 
 __all__ = [
@@ -23,9 +23,11 @@ __all__ = [
     "CalibrationError",
     "calibrate",
     "check_dark_bias",
+    "check_overscan",
     "dark_scale",
     "exposure_of",
     "is_bias_subtracted",
+    "is_overscan_subtracted",
     "parse_section",
 ]
 
@@ -34,7 +36,6 @@ MIN_FLAT = 1e-3
 #: Relative and absolute tolerance (s) within which two exposure times count as equal.
 _EXPTIME_RTOL = 1e-4
 _EXPTIME_ATOL = 1e-3
-_SECTION = re.compile(r"^\s*\[\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*\]\s*$")
 
 
 class CalibrationError(ValueError):
@@ -52,10 +53,7 @@ def exposure_of(header: fits.Header) -> float | None:
 
 def is_bias_subtracted(image: Image) -> bool:
     """True when the frame's header says BIASSUB = T."""
-    value = image.header.get("BIASSUB", False)
-    if isinstance(value, str):
-        return value.strip().upper() in ("T", "TRUE", "Y", "YES")
-    return value is True
+    return _flag(image.header, "BIASSUB")
 
 
 def _kind(image: Image) -> str:
@@ -120,42 +118,102 @@ def check_dark_bias(bias: Image | None, dark: Image | None) -> None:
 def parse_section(section: str, shape: tuple[int, int]) -> tuple[slice, slice]:
     """numpy slices (rows, columns) for a FITS section ``'[x1:x2,y1:y2]'`` (1-based, inclusive).
 
-    A flipped range (``x1 > x2``) selects the same pixels, in order.
+    :func:`nightshift.service.readout.parse_section`, raising :class:`CalibrationError`.
+    """
+    try:
+        return readout.parse_section(section, shape)
+    except readout.SectionError as exc:
+        raise CalibrationError(str(exc)) from None
+
+
+def _flag(header: fits.Header, key: str) -> bool:
+    value = header.get(key, False)
+    if isinstance(value, str):
+        return value.strip().upper() in ("T", "TRUE", "Y", "YES")
+    return value is True
+
+
+def is_overscan_subtracted(image: Image) -> bool:
+    """True when the frame's header says OSCANSUB = T (a master made of overscan-subtracted frames)."""
+    return _flag(image.header, "OSCANSUB")
+
+
+def check_overscan(
+    done: bool, raw_shape: tuple[int, int], bias: Image | None, dark: Image | None, *, trimmed: bool = False
+) -> None:
+    """Refuse masters whose bias level was treated otherwise than the frame's: it would stay, or go twice.
+
+    Parameters
+    ----------
+    done : bool
+        Whether the frame's own overscan level is (to be) subtracted.
+    raw_shape : (int, int)
+        The frame's raw shape.
+    bias, dark : Image or None
+        The masters to use; a dark that is bias-subtracted holds no level and is not checked.
+    trimmed : bool
+        True when an untrimmed master bias cannot be taken relative to its own overscan (building masters).
 
     Raises
     ------
     CalibrationError
-        If the text is not a section or it reaches outside ``shape``.
+        A master made without overscan subtraction for an overscan-subtracted frame (except, when not
+        ``trimmed``, an untrimmed master bias with its own overscan), or the other way round.
     """
-    found = _SECTION.match(section)
-    if found is None:
-        raise CalibrationError(f"not a FITS section: {section!r}")
-    x1, x2, y1, y2 = (int(g) for g in found.groups())
-    (x1, x2), (y1, y2) = sorted((x1, x2)), sorted((y1, y2))
-    if x1 < 1 or y1 < 1 or x2 > shape[1] or y2 > shape[0]:
-        raise CalibrationError(f"section {section} reaches outside the {shape[1]}x{shape[0]} image")
-    return slice(y1 - 1, y2), slice(x1 - 1, x2)
+    holders = [("master bias", bias)]
+    if dark is not None and not is_bias_subtracted(dark):
+        holders.append((_kind(dark), dark))
+    for what, master in holders:
+        if master is None:
+            continue
+        subtracted = is_overscan_subtracted(master)
+        relative = not trimmed and what == "master bias" and master.data.shape == tuple(raw_shape)
+        if done and not subtracted and not relative:
+            raise CalibrationError(
+                f"the {what} was made without overscan subtraction and still holds the bias level, but the "
+                "light's overscan is subtracted: the level would be removed twice"
+            )
+        if not done and subtracted:
+            raise CalibrationError(
+                f"the {what} was made of overscan-subtracted frames, but the light's overscan is not subtracted: "
+                "the light's bias level would stay"
+            )
 
 
-def _section_text(value: str, header: fits.Header, what: str) -> str:
-    """A section given directly (``'[...]'``) or by the name of the header keyword holding it."""
-    if value.strip().startswith("["):
-        return value.strip()
-    found = header.get(value.strip().upper())
-    if not isinstance(found, str):
-        raise CalibrationError(f"{what}: header has no section in {value.strip().upper()}")
-    return found.strip()
+def _apply_readout(
+    light: Image, overscan: str | None, trim: str | None, bias: Image | None, header: fits.Header
+) -> tuple[np.ndarray, readout.Readout, list[str]]:
+    """The light overscan-subtracted and trimmed (a new array), what was done, and the step lines.
 
-
-def _overscan_level(data: np.ndarray, rows: slice, cols: slice) -> tuple[np.ndarray | np.float32, str]:
-    """Median of the overscan: per row for a column strip, per column for a row strip, else one value."""
-    region = data[rows, cols]
-    height, width = data.shape
-    if region.shape[0] == height and region.shape[1] < width:
-        return np.median(region, axis=1, keepdims=True).astype(np.float32), "median per row"
-    if region.shape[1] == width and region.shape[0] < height:
-        return np.median(region, axis=0, keepdims=True).astype(np.float32), "median per column"
-    return np.float32(np.median(region)), "median"
+    With an untrimmed master bias that kept its overscan columns, the bias's own overscan level is put back, so
+    the bias pattern is removed relative to its level (masters made by nightshift are overscan-subtracted).
+    """
+    raw_shape = light.data.shape
+    try:
+        plan = readout.readout_of(light.header, raw_shape, overscan=overscan, trim=trim)
+    except FrameError as exc:
+        raise CalibrationError(exc.message) from None
+    level = None
+    notes = []
+    region = plan.overscan_region
+    if region is not None:
+        level = readout.overscan_level(light.data[region], region, raw_shape)
+        if bias is not None and bias.data.shape == raw_shape and not is_overscan_subtracted(bias):
+            level = level - readout.overscan_level(bias.data[region], region, raw_shape)
+            notes.append("overscan taken relative to the master bias's own overscan")
+        header["OVERSCAN"] = (plan.overscan, "overscan region subtracted (per row, fitted)")
+        header["OSCANSUB"] = (True, "overscan level subtracted")
+    work, steps = readout.apply_readout(light.data, plan, level=level)
+    trim_region = plan.trim_region
+    if trim_region is not None:
+        for key, offset in (("CRPIX1", trim_region[1].start), ("CRPIX2", trim_region[0].start)):
+            if isinstance(header.get(key), (int, float)) and not isinstance(header.get(key), bool):
+                header[key] = header[key] - offset
+        header["TRIM"] = (plan.trim, "region of the raw frame kept")
+    if not plan.is_raw:
+        for key in ("TRIMSEC", "BIASSEC", "DATASEC"):
+            header.remove(key, ignore_missing=True)
+    return work, plan, steps + notes
 
 
 def _view(array: np.ndarray, raw_shape, trim, what: str) -> np.ndarray:
@@ -231,39 +289,6 @@ def _dark_factor(light: Image, dark: Image, dark_factor: float | None) -> float:
     return float(dark_factor)
 
 
-def _subtract_overscan(
-    work: np.ndarray, overscan: str, light_header: fits.Header, bias: Image | None, header: fits.Header
-) -> str:
-    """Subtract the overscan level from ``work`` in place (relative to the bias's own); return the step line."""
-    text = _section_text(overscan, light_header, "overscan")
-    rows, cols = parse_section(text, work.shape)
-    level, how = _overscan_level(work, rows, cols)
-    note = f"overscan {text} subtracted ({how})"
-    if bias is not None:
-        if bias.data.shape != work.shape:
-            raise CalibrationError("overscan subtraction needs the master bias untrimmed, with its overscan")
-        level = level - _overscan_level(bias.data, rows, cols)[0]
-        note += ", relative to the master bias's own overscan"
-    work -= level
-    header["OVERSCAN"] = (text, "overscan region subtracted")
-    return note
-
-
-def _trim_region(
-    trim: str, light_header: fits.Header, shape: tuple[int, int], header: fits.Header
-) -> tuple[tuple[slice, slice], str]:
-    """The region to keep; shifts CRPIX and drops the raw frame's sections in ``header``."""
-    text = _section_text(trim, light_header, "trim")
-    region = parse_section(text, shape)
-    for key, offset in (("CRPIX1", region[1].start), ("CRPIX2", region[0].start)):
-        if isinstance(header.get(key), (int, float)):
-            header[key] = header[key] - offset
-    for key in ("TRIMSEC", "BIASSEC", "DATASEC"):
-        header.remove(key, ignore_missing=True)
-    header["TRIM"] = (text, "region of the raw frame kept")
-    return region, f"trimmed to {text}"
-
-
 @logged
 def calibrate(
     light: Image,
@@ -273,8 +298,8 @@ def calibrate(
     flat: Image | None = None,
     dark_factor: float | None = None,
     mask: np.ndarray | None = None,
-    overscan: str | None = None,
-    trim: str | None = None,
+    overscan: str | None = readout.AUTO,
+    trim: str | None = readout.AUTO,
     saturation: float | None = 65535.0,
     cosmic_rays: bool = False,
     provenance: Sequence[str] = (),
@@ -294,12 +319,15 @@ def calibrate(
     mask : numpy.ndarray of bool, optional
         Bad-pixel mask (True = bad) to carry into the output mask. Masks on the masters are carried too.
     overscan : str, optional
-        Overscan region to subtract, a FITS section ``'[x1:x2,y1:y2]'`` or the name of the header keyword
-        holding one (``"BIASSEC"``). Its median per row (column strip) or per column (row strip) is
-        subtracted; with a master bias, the bias's own overscan level is put back, so the bias pattern is
-        removed relative to its level and the light's level drift is followed.
+        ``"auto"`` (default): the header's BIASSEC, if any; ``"off"`` or None: none; a FITS section
+        ``'[x1:x2,y1:y2]'``; or the name of the header keyword holding one. The level of the light's own
+        readout is measured in it per row (sigma-clipped mean, a polynomial fitted along the rows, see
+        :mod:`nightshift.service.readout`) and subtracted. Masters holding the bias level must have been made
+        of overscan-subtracted frames (OSCANSUB = T) exactly when the light's overscan is subtracted; an
+        untrimmed master bias with its own overscan is taken relative to that overscan.
     trim : str, optional
-        Region to keep, a section or a keyword name (``"TRIMSEC"``). WCS CRPIX is shifted to match.
+        ``"auto"`` (default): the header's TRIMSEC, else DATASEC; ``"off"`` or None; a section; or a keyword
+        name. WCS CRPIX is shifted to match.
     saturation : float, optional
         Raw values at or above it are flagged in the output mask. None: no check.
     cosmic_rays : bool
@@ -333,19 +361,17 @@ def calibrate(
     steps: list[str] = []
     calstat = ""
 
-    work = np.array(light.data, dtype=np.float32, copy=True)
     flags = np.zeros(raw_shape, dtype=bool)
     if saturation is not None:
         np.greater_equal(light.data, saturation, out=flags)
         if flags.any():
             steps.append(f"{int(flags.sum())} pixels at or above saturation {saturation:g} flagged")
-    if overscan is not None:
-        steps.append(_subtract_overscan(work, overscan, light.header, bias, header))
-    region = None
-    if trim is not None:
-        region, note = _trim_region(trim, light.header, raw_shape, header)
-        work, flags = work[region], flags[region]
-        steps.append(note)
+    work, plan, done = _apply_readout(light, overscan, trim, bias, header)
+    steps += done
+    check_overscan(plan.overscan is not None, raw_shape, bias, dark)
+    region = plan.trim_region
+    if region is not None:
+        flags = np.ascontiguousarray(flags[region])
 
     if bias is not None:
         work -= _view(bias.data, raw_shape, region, "master bias")

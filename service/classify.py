@@ -18,10 +18,26 @@ from fnmatch import fnmatchcase
 from pathlib import PurePath
 from typing import Any
 
-from nightshift.service.frame import KINDS, FrameError, FrameMeta
-from nightshift.service.night import date_obs_source, observing_night, parse_date_obs
+from nightshift.service.filters import filter_key, header_filter, tidy
+from nightshift.service.frame import KINDS, OTHER_KIND, FrameError, FrameMeta
+from nightshift.service.lookalike import override_hint
+from nightshift.service.night import header_longitude, night_of_date, observation_time, observing_night
+from nightshift.service.readout import AUTO, readout_of
 
-__all__ = ["DEFAULT_SYNONYMS", "TYPE_KEYWORDS", "ClassifyOptions", "classify_kind", "normalise", "type_word"]
+__all__ = [
+    "CAMERA_KEYWORDS",
+    "DEFAULT_SYNONYMS",
+    "SET_ASIDE_WORDS",
+    "TYPE_KEYWORDS",
+    "UNTYPED_NOTE",
+    "ClassifyOptions",
+    "classify_kind",
+    "normalise",
+    "type_word",
+]
+
+#: Keywords naming the camera, in the order they are trusted: masters of two cameras never mix.
+CAMERA_KEYWORDS = ("INSTRUME", "DETECTOR", "CAMERA")
 
 #: Header keywords that may name the frame type, in the order they are trusted. INDI/Ekos writes the truth
 #: in FRAME and often a constant IMAGETYP = 'Light Frame', so FRAME comes first.
@@ -54,8 +70,13 @@ DEFAULT_SYNONYMS: dict[str, str] = {
     "twilight flat": "flat",
     "twiflat": "flat",
     "twilightflat": "flat",
+    "twilight": "flat",
+    "sflat": "flat",
+    "dflat": "flat",
     "screen flat": "flat",
     "panel flat": "flat",
+    "lamp flat": "flat",
+    "lampflat": "flat",
     "light": "light",
     "light frame": "light",
     "lightframe": "light",
@@ -69,6 +90,24 @@ DEFAULT_SYNONYMS: dict[str, str] = {
     "flatdark": "darkflat",
     "flat dark frame": "darkflat",
 }
+
+#: Frame-type words of frames that are neither imaging calibration nor science: set aside (status ``ignored``).
+SET_ASIDE_WORDS: dict[str, str] = {
+    "focus": "a focus frame",
+    "focus frame": "a focus frame",
+    "test": "a test frame",
+    "test frame": "a test frame",
+    "pointing": "a pointing frame",
+    "pointing frame": "a pointing frame",
+    "arc": "an arc-lamp frame (spectroscopy)",
+    "arc lamp": "an arc-lamp frame (spectroscopy)",
+    "comparison": "a comparison-lamp frame (spectroscopy)",
+    "comp": "a comparison-lamp frame (spectroscopy)",
+    "acquisition": "an acquisition frame",
+    "guide": "a guider frame",
+}
+#: What the archive says of a light taken from OBJECT and EXPTIME alone.
+UNTYPED_NOTE = "no frame-type keyword: taken as a light from OBJECT and EXPTIME"
 
 #: Capture programs recognised from SWCREATE/CREATOR/PROGRAM/SOFTWARE (substring, lower case) -> dialect.
 _SOFTWARE = (
@@ -112,9 +151,18 @@ class ClassifyOptions:
         For headers that say nothing useful: the first glob matching the file's name or full path (case-
         insensitive; a relative glob with a '/' also matches the end of the path) decides the kind.
     filter_aliases : dict
-        Filter names -> canonical names (``{"Green": "G"}``), matched case-insensitively after trimming.
+        Filter names -> canonical names (``{"Green": "G"}``), matched as filters are compared.
     longitude, timezone
-        Site longitude (degrees east) or IANA timezone, for the observing night (timezone wins).
+        Site longitude (degrees east) or IANA timezone, for the observing night (timezone wins). With
+        neither, the header's longitude (LONGITUD, SITELONG, OBSGEO-L, LONG-OBS...) is used when it has one.
+    untyped_lights : bool
+        A frame with no frame-type keyword at all, a positive exposure and an OBJECT is a light (the default);
+        False quarantines it as ``unknown_type``.
+    filter_keep_case : bool
+        Filters differing only in case are different filters (``r`` and ``R``). By default they are one.
+    overscan, trim : str
+        ``"auto"`` (the header's BIASSEC, TRIMSEC/DATASEC), ``"off"``, a section or a keyword name: what
+        :func:`nightshift.service.readout.readout_of` does to the frame, recorded as its ``readout``.
     """
 
     synonyms: dict[str, str] = field(default_factory=dict)
@@ -122,6 +170,10 @@ class ClassifyOptions:
     filter_aliases: dict[str, str] = field(default_factory=dict)
     longitude: float | None = None
     timezone: str | None = None
+    untyped_lights: bool = True
+    filter_keep_case: bool = False
+    overscan: str = AUTO
+    trim: str = AUTO
 
     def __post_init__(self) -> None:
         for word, kind in self.synonyms.items():
@@ -206,7 +258,10 @@ def classify_kind(header, path: str, options: ClassifyOptions) -> tuple[str, str
     """The kind of a frame and whose words said so.
 
     Order: a filename override; FRAME (INDI/Ekos); IMAGETYP (also IMAGETYPE); OBSTYPE. A keyword whose word
-    is not a frame-type word (FRAME = 'FK5' is a coordinate frame) is passed over for the next.
+    is not a frame-type word (FRAME = 'FK5' is a coordinate frame) is passed over for the next. A word of
+    :data:`SET_ASIDE_WORDS` (FOCUS, TEST, ARC...) gives :data:`~nightshift.service.frame.OTHER_KIND`. With no
+    type keyword at all, a frame with an OBJECT and a positive exposure is a light (dialect ``"untyped"``)
+    unless ``options.untyped_lights`` is False.
 
     Parameters
     ----------
@@ -220,8 +275,9 @@ def classify_kind(header, path: str, options: ClassifyOptions) -> tuple[str, str
     Returns
     -------
     (kind, dialect)
-        ``kind`` one of KINDS; ``dialect`` names the capture program when recognised (``"maxim"``, ``"nina"``,
-        ``"ekos"``, ``"sgp"``, ...), ``"override"`` for a filename override, ``"user"`` for a user synonym.
+        ``kind`` one of KINDS, or ``"other"``; ``dialect`` names the capture program when recognised
+        (``"maxim"``, ``"nina"``, ``"ekos"``, ``"sgp"``, ...), ``"override"`` for a filename override,
+        ``"user"`` for a user synonym, ``"untyped"`` for a light without a type keyword.
 
     Raises
     ------
@@ -246,6 +302,8 @@ def classify_kind(header, path: str, options: ClassifyOptions) -> tuple[str, str
             return user[word], "user"
         if word in DEFAULT_SYNONYMS:
             return DEFAULT_SYNONYMS[word], _software(header) or _word_dialect(key, raw)
+        if word in SET_ASIDE_WORDS:
+            return OTHER_KIND, _software(header) or _word_dialect(key, raw)
         said.append(f"{key} = {raw!r}")
     if said:
         what = ", ".join(said)
@@ -253,9 +311,30 @@ def classify_kind(header, path: str, options: ClassifyOptions) -> tuple[str, str
             "unknown_type",
             f"{what}: not a bias/dark/flat/light word; add it to the synonyms or add a filename override",
         )
+    return _untyped(header, path, options), "untyped"
+
+
+def _untyped(header, path: str, options: ClassifyOptions) -> str:
+    """A frame without any type keyword: a light when it has an OBJECT and a positive exposure (if allowed)."""
+    name = PurePath(path).name
+    hint = f"add a filename override ({override_hint(path, 'light')} or another kind) or a type keyword"
+    none = f"no {'/'.join(TYPE_KEYWORDS)} keyword"
+    if not options.untyped_lights:
+        raise FrameError(
+            "unknown_type",
+            f"{none} and no filename override matched {name!r} ([classify] untyped_lights is off); {hint}",
+        )
+    try:
+        exptime = _first_number(header, ("EXPTIME", "EXPOSURE"))
+    except FrameError:
+        exptime = None
+    obj = _text(header, "OBJECT")
+    if obj and exptime is not None and exptime > 0:
+        return "light"
+    why = "no OBJECT" if not obj else ("no exposure time" if exptime is None else f"an exposure of {exptime:g} s")
     raise FrameError(
         "unknown_type",
-        f"no {', '.join(TYPE_KEYWORDS)} keyword and no filename override matched {PurePath(path).name!r}",
+        f"{none} and {why}, so not taken as a light; no filename override matched {name!r}: {hint}",
     )
 
 
@@ -351,14 +430,60 @@ def _dtype(header) -> str:
     return "float32"
 
 
-def _filter(header, aliases: dict[str, str]) -> str | None:
-    name = _text(header, "FILTER", "FILTNAME", "FILTER1")
+def _filter(header, options: ClassifyOptions, extra: dict[str, Any]) -> str | None:
+    """The frame's filter: wheels combined (:func:`~nightshift.service.filters.header_filter`), aliases applied
+    (compared as filters are: spaces dropped, case folded unless kept)."""
+    name, source = header_filter(header)
+    if source and source != "FILTER":
+        extra["filter_source"] = source
     if name is None:
         return None
-    if name in aliases:
-        return aliases[name]
-    folded = {str(k).strip().lower(): v for k, v in aliases.items()}
-    return folded.get(name.lower(), name)
+    keep = options.filter_keep_case
+    by_key = {filter_key(str(k), keep_case=keep): tidy(v) for k, v in options.filter_aliases.items()}
+    return by_key.get(filter_key(name, keep_case=keep), name)
+
+
+def _camera(header, extra: dict[str, Any]) -> str | None:
+    for key in CAMERA_KEYWORDS:
+        text = _text(header, key)
+        if text:
+            if key != "INSTRUME":
+                extra["camera_source"] = key
+            return text
+    return None
+
+
+def _when(
+    header, exptime: float | None, options: ClassifyOptions, path: str, mtime: float | None, notes: list[str]
+) -> tuple[datetime, str, str, dict[str, Any]]:
+    """(start, night, date source, extras) of a frame: its header's time, else the file's modification time."""
+    extra: dict[str, Any] = {}
+    found = observation_time(header, exptime)
+    if found.note:
+        notes.append(found.note)
+    longitude, timezone = options.longitude, options.timezone
+    if longitude is None and not timezone:
+        site = header_longitude(header)
+        if site is not None:
+            longitude = site[0]
+            extra["longitude"] = site[0]
+            notes.append(f"night from the header's longitude {site[1]} ({site[0]:.4f} degrees east)")
+    when = found.start
+    source = found.source
+    if when is None:
+        if mtime is None:
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                raise FrameError("bad_header_value", "no DATE-OBS in the header and no file time") from None
+        when = datetime.fromtimestamp(mtime, tz=UTC).replace(tzinfo=None)
+        source = "mtime"
+        notes.append("no date in the header: the file's modification time is used")
+    if found.date_only:
+        night = night_of_date(when.date(), longitude=longitude, timezone=timezone)
+    else:
+        night = observing_night(when, longitude=longitude, timezone=timezone)
+    return when, night, source, extra
 
 
 def normalise(
@@ -369,6 +494,7 @@ def normalise(
     size_bytes: int,
     options: ClassifyOptions,
     mtime: float | None = None,
+    shape: tuple[int, int] | None = None,
 ) -> FrameMeta:
     """The normalised metadata of one raw frame, from its header.
 
@@ -382,7 +508,9 @@ def normalise(
         Synonyms, overrides, filter aliases, site longitude/timezone.
     mtime : float, optional
         The file's modification time (epoch seconds), used as the time of the frame when the header has no
-        DATE-OBS (``extra["date_source"] = "mtime"``). When None, the file at ``path`` is asked.
+        date at all (``date_source = "mtime"``). When None, the file at ``path`` is asked.
+    shape : (int, int), optional
+        The image's (rows, columns) when known from the file's structure; else NAXIS2/NAXIS1.
 
     Returns
     -------
@@ -392,9 +520,12 @@ def normalise(
     ------
     FrameError
         ``unknown_type``, ``missing_exposure`` (a dark, flat, light or darkflat without EXPTIME/EXPOSURE;
-        a bias gets 0.0), ``bad_header_value`` (naming the key and the value that cannot be parsed).
+        a bias gets 0.0), ``bad_header_value`` (naming the key and the value that cannot be parsed),
+        ``multiple_amplifiers``. A frame of kind ``"other"`` (FOCUS, TEST...) is returned with
+        ``extra["set_aside"]`` saying why it is set aside.
     """
     extra: dict[str, Any] = {}
+    notes: list[str] = []
     kind, dialect = classify_kind(header, path, options)
     for key in TYPE_KEYWORDS:
         try:
@@ -403,29 +534,37 @@ def normalise(
             continue
         if raw is not None:
             extra[key.lower()] = raw
-    exptime = _exposure(header, kind, extra)
-
-    when = parse_date_obs(header)
-    if when is None:
-        if mtime is None:
-            try:
-                mtime = os.stat(path).st_mtime
-            except OSError:
-                raise FrameError("bad_header_value", "no DATE-OBS in the header and no file time") from None
-        when = datetime.fromtimestamp(mtime, tz=UTC).replace(tzinfo=None)
-        extra["date_source"] = "mtime"
+    if kind == OTHER_KIND:
+        word = next(extra[k.lower()] for k in TYPE_KEYWORDS if k.lower() in extra)
+        what = SET_ASIDE_WORDS.get(type_word(word), "not a frame nightshift reduces")
+        extra["set_aside"] = f"frame type {word!r}: {what}, not imaging calibration or science; set aside"
+        notes.append(extra["set_aside"])
+        exptime = _first_number(header, ("EXPTIME", "EXPOSURE"))
     else:
-        extra["date_source"] = date_obs_source(header)
-    night = observing_night(when, longitude=options.longitude, timezone=options.timezone)
+        exptime = _exposure(header, kind, extra)
+    if dialect == "untyped":
+        notes.append(UNTYPED_NOTE)
+    if "exposure_note" in extra:
+        notes.append(extra["exposure_note"])
 
+    when, night, source, more = _when(header, exptime, options, path, mtime, notes)
+    extra.update(more)
+    extra["date_source"] = source
+
+    width = shape[1] if shape else int(_number(header, "NAXIS1") or 0)
+    height = shape[0] if shape else int(_number(header, "NAXIS2") or 0)
+    plan = readout_of(header, (height, width), overscan=options.overscan, trim=options.trim)
     xbin, ybin = _binning(header)
     gain = _number(header, "GAIN")
     offset = _first_number(header, ("OFFSET", "BLKLEVEL"))
-    readout = _text(header, "READOUTM", "READMODE", "READOUT")
+    readout_mode = _text(header, "READOUTM", "READMODE", "READOUT")
     bayer = _text(header, "BAYERPAT")
     software = _text(header, "SWCREATE", "CREATOR", "PROGRAM", "SOFTWARE")
     if software:
         extra["software"] = software
+    filter_name = _filter(header, options, extra)
+    if "+" in extra.get("filter_source", "") and filter_name:
+        notes.append(f"filter {filter_name!r} from {extra['filter_source']}")
     return FrameMeta(
         path=str(path),
         sha256=sha256,
@@ -434,21 +573,24 @@ def normalise(
         exptime=exptime,
         date_obs=when.isoformat(timespec="microseconds"),
         night=night,
-        naxis1=int(_number(header, "NAXIS1") or 0),
-        naxis2=int(_number(header, "NAXIS2") or 0),
+        naxis1=width,
+        naxis2=height,
         dtype=_dtype(header),
         object=_text(header, "OBJECT"),
-        filter=_filter(header, options.filter_aliases),
+        filter=filter_name,
         xbin=xbin,
         ybin=ybin,
         ccd_temp=_first_number(header, ("CCD-TEMP", "CCD_TEMP", "CCDTEMP", "TEMPERAT")),
         set_temp=_first_number(header, ("SET-TEMP", "SET_TEMP", "SETTEMP")),
         gain=gain,
         offset=offset,
-        readout_mode=readout,
-        camera=_text(header, "INSTRUME"),
+        readout_mode=readout_mode,
+        camera=_camera(header, extra),
         telescope=_text(header, "TELESCOP"),
         bayerpat=bayer.upper() if bayer else None,
         dialect=dialect,
+        date_source=source,
+        readout=plan.describe(),
+        header_note="; ".join(notes) or None,
         extra=extra,
     )

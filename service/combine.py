@@ -1,9 +1,12 @@
-"""Combine a stack of FITS frames into one, a band of rows at a time, so memory stays bounded.
+"""Combine a stack of frames into one, a band of rows at a time, so memory stays bounded.
 
-Each input is opened once and read by row bands through astropy's ``hdu.section`` (which applies BZERO/BSCALE
-and reads only the rows asked for). Per band: cast to float32, subtract the given calibration arrays, scale,
-then combine along the stack axis with a median or an (astropy) sigma-clipped average, into a float32 result.
-This is what ``ccdproc.combine(..., mem_limit=...)`` does, without CCDData, units or uncertainty.
+Each input is opened once (:func:`nightshift.service.fitsio.open_frame`: FITS, compressed or not, or XISF) and
+read by row bands through astropy's ``hdu.section`` (which applies BZERO/BSCALE and reads only the rows asked
+for). An input with an overscan has its own readout level measured once (:mod:`nightshift.service.readout`) and
+subtracted from every band, which is trimmed to the region kept. Per band: cast to float32, subtract the given
+calibration arrays, scale, then combine along the stack axis with a median or an (astropy) sigma-clipped
+average, into a float32 result. This is what ``ccdproc.combine(..., mem_limit=...)`` does, without CCDData,
+units or uncertainty.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 from astropy.stats import sigma_clip
+from nightshift.service.fitsio import FrameSource, open_frame, read_frame_header
+from nightshift.service.frame import FrameError
+from nightshift.service.readout import OFF, Readout, overscan_level, readout_of
 
 __all__ = ["DEFAULT_MEM_LIMIT", "METHODS", "SCALES", "combine_files", "describe_method", "read_header"]
 
@@ -35,21 +41,38 @@ def describe_method(method: str, sigma: float | None) -> str:
     return method
 
 
-def _image_hdu(hdul: fits.HDUList, path: Path) -> fits.hdu.base._ImageBaseHDU | fits.CompImageHDU:
-    for hdu in hdul:
-        if (hdu.is_image or isinstance(hdu, fits.CompImageHDU)) and hdu.header.get("NAXIS", 0) >= 1:
-            shape = hdu.shape
-            if len(shape) != 2:
-                raise ValueError(f"{path.name}: image is {len(shape)}-D, a combine needs 2-D frames")
-            return hdu
-    raise ValueError(f"{path.name}: no image HDU")
-
-
 def read_header(path: Path | str) -> fits.Header:
-    """The header of the first image HDU of a FITS file (primary, IMAGE or tile-compressed extension)."""
-    path = Path(path)
-    with fits.open(path, memmap=False) as hdul:
-        return _image_hdu(hdul, path).header.copy()
+    """The header of a file's frame (FITS: the first 2-D image HDU, primary keywords included; XISF)."""
+    return read_frame_header(Path(path))
+
+
+class _Input:
+    """One input of a combine: its rows, overscan-subtracted and trimmed as its readout says."""
+
+    def __init__(self, source: FrameSource, overscan: str | None, trim: str | None) -> None:
+        self.source = source
+        try:
+            self.readout: Readout = readout_of(source.header, source.shape, overscan=overscan, trim=trim)
+        except FrameError as exc:
+            raise ValueError(f"{source.path.name}: {exc.message}") from None
+        self.level: np.ndarray | None = None
+        region = self.readout.overscan_region
+        if region is not None:
+            strip = np.asarray(source.section[region[0], region[1]], dtype=np.float32)
+            self.level = overscan_level(strip, region, source.shape)
+        height, width = source.shape
+        self.rows, self.cols = self.readout.trim_region or (slice(0, height), slice(0, width))
+        self.shape = self.readout.shape
+
+    def read(self, y0: int, y1: int, dest: np.ndarray) -> None:
+        """Rows y0:y1 of the (trimmed) frame into ``dest``, the overscan level taken off."""
+        r0, r1 = self.rows.start + y0, self.rows.start + y1
+        dest[...] = self.source.section[r0:r1, self.cols]
+        if self.level is not None:
+            if self.level.shape[1] == 1:
+                dest -= self.level[r0:r1]
+            else:
+                dest -= self.level[:, self.cols]
 
 
 def _terms(subtract: Sequence[SubtractTerm], n: int, shape: tuple[int, ...]) -> list[tuple[np.ndarray, list]]:
@@ -64,9 +87,9 @@ def _terms(subtract: Sequence[SubtractTerm], n: int, shape: tuple[int, ...]) -> 
     return terms
 
 
-def _load_band(hdu, y0: int, y1: int, dest: np.ndarray, terms, index: int) -> None:
+def _load_band(source: _Input, y0: int, y1: int, dest: np.ndarray, terms, index: int) -> None:
     """Read rows y0:y1 of one input into ``dest`` (float32) and subtract its calibration terms."""
-    dest[...] = hdu.section[y0:y1, :]
+    source.read(y0, y1, dest)
     for array, factors in terms:
         factor = factors[index]
         if factor == 1.0:
@@ -141,13 +164,16 @@ def combine_files(
     cenfunc: str = "median",
     stdfunc: str = "std",
     maxiters: int | None = 1,
+    overscan: str | None = OFF,
+    trim: str | None = OFF,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Combine FITS frames pixel by pixel, reading them in row bands so memory stays under a limit.
+    """Combine frames pixel by pixel, reading them in row bands so memory stays under a limit.
 
     Parameters
     ----------
     paths : sequence of path
-        Input FITS files, all of the same 2-D shape. They are only read.
+        Input files (FITS, compressed or not, or XISF), all of the same 2-D shape once trimmed, all with the
+        same readout. They are only read.
     method : {"average", "median"}
         ``"average"`` is a sigma-clipped mean when ``sigma`` is set (astropy ``sigma_clip`` along the
         stack, centre ``cenfunc``, deviation ``stdfunc``, ``maxiters`` iterations: the defaults match
@@ -168,6 +194,10 @@ def combine_files(
         ``"median"``/``"mean"`` and ``"std"``/``"mad_std"``, as astropy's ``sigma_clip`` takes them.
     maxiters : int or None
         Clipping iterations (None: until nothing more is rejected).
+    overscan, trim : str
+        What to do to each input before anything else (see :func:`nightshift.service.readout.readout_of`):
+        ``"off"`` (the default), ``"auto"`` (the header's sections), a section or a keyword name. Each input's
+        overscan is measured in that input; the subtracted arrays are of the trimmed shape.
 
     Returns
     -------
@@ -175,7 +205,9 @@ def combine_files(
         float32 combined frame.
     stats : dict
         ``n``, ``method`` (COMBMETH text), ``sigma``, ``rejected_fraction``, ``band_rows``, ``n_bands``,
-        ``medians`` (each input's level when scaled, else None), ``shape``.
+        ``medians`` (each input's level when scaled, else None), ``shape``, ``readout`` (the inputs' common
+        :class:`~nightshift.service.readout.Readout`), ``overscan_levels`` (each input's mean overscan level, or
+        None).
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -186,11 +218,22 @@ def combine_files(
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     n = len(paths)
     with contextlib.ExitStack() as stack:
-        hdus = [_image_hdu(stack.enter_context(fits.open(p, memmap=False)), p) for p in paths]
+        hdus = []
+        for p in paths:
+            try:
+                hdus.append(_Input(stack.enter_context(open_frame(p)), overscan, trim))
+            except FrameError as exc:
+                raise ValueError(f"{p.name}: {exc.message}") from None
         shape = tuple(hdus[0].shape)
+        readout = hdus[0].readout
+        raw = tuple(hdus[0].source.shape)
         for path, hdu in zip(paths, hdus, strict=True):
-            if tuple(hdu.shape) != shape:
-                raise ValueError(f"{path.name} has shape {hdu.shape}, {paths[0].name} has {shape}")
+            if tuple(hdu.source.shape) != raw:
+                raise ValueError(f"{path.name} has shape {hdu.source.shape}, {paths[0].name} has {raw}")
+            if hdu.readout.describe() != readout.describe():
+                raise ValueError(
+                    f"{path.name} is read as {hdu.readout.describe()}, {paths[0].name} as {readout.describe()}"
+                )
         height, width = shape
         terms = _terms(subtract, n, shape)
         # bands of a few tens of MB, even when the limit allows more: the buffers stay in reused memory and in
@@ -220,5 +263,7 @@ def combine_files(
         "n_bands": n_bands,
         "medians": medians,
         "shape": shape,
+        "readout": readout,
+        "overscan_levels": [float(np.mean(h.level)) if h.level is not None else None for h in hdus],
     }
     return out, stats

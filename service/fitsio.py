@@ -1,32 +1,44 @@
-"""FITS files on disk: is a file whole, read its image as float32, write results atomically.
+"""Frame files on disk: is a file whole, read its image as float32, write results atomically.
 
 The structural walk (:func:`scan_hdus`) reads only header blocks: it tells a finished file from one still
 being written, and finds where each HDU's data lives so pixels are read in one pass straight into float32.
-Header text is parsed by astropy; tile-compressed images are decoded by astropy too.
+Header text is parsed by astropy; tile-compressed images (``.fits.fz``, the image in an extension) are decoded
+by astropy too. A gzip-compressed file (``.fits.gz``, ``.fit.gz``) is decompressed in memory first, its gzip
+stream checked whole (a file still being written fails as ``truncated``). XISF files are handed to
+:mod:`nightshift.service.xisfio`. Products are always written as FITS.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
+import io
 import math
 import os
 import stat
 import tempfile
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
 from nightshift.service.frame import FrameError, Image
+from nightshift.service.xisfio import is_xisf, read_xisf, read_xisf_header, scan_xisf, xisf_pixels
 
 __all__ = [
     "BLOCK",
+    "FrameSource",
     "HduInfo",
     "check_complete",
     "find_image_hdu",
     "header_from_bytes",
+    "open_frame",
+    "read_frame_header",
     "read_header",
     "read_image",
     "read_mask",
@@ -46,6 +58,10 @@ _BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f
 _WALK_KEYS = ("SIMPLE", "XTENSION", "BITPIX", "PCOUNT", "GCOUNT", "GROUPS", "ZIMAGE", "ZBITPIX")
 _STRUCTURAL = ("SIMPLE", "XTENSION", "BITPIX", "EXTEND", "PCOUNT", "GCOUNT", "GROUPS")
 _SCALING = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
+#: The first bytes of a gzip stream.
+GZIP_MAGIC = b"\x1f\x8b"
+#: A gzip-compressed frame larger than this once decompressed is refused (not a camera frame).
+_MAX_GUNZIPPED = 4 * 2**30
 #: Header bytes outside printable ASCII (forbidden by the standard, written by some programs) become '?'.
 _PRINTABLE = bytes(b if 0x20 <= b <= 0x7E else 0x3F for b in range(256))
 
@@ -123,6 +139,46 @@ def _open_regular(path: Path):
         os.close(fd)
         raise FrameError("unreadable", f"{path} is not a regular file")
     return os.fdopen(fd, "rb")
+
+
+def _gunzip(f, path: Path) -> bytes:
+    """The decompressed bytes of a gzip file, its whole stream checked (CRC and length)."""
+    out = bytearray()
+    try:
+        with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+            while chunk := gz.read(1 << 22):
+                out += chunk
+                if len(out) > _MAX_GUNZIPPED:
+                    raise FrameError(
+                        "unsupported_dimensions", f"{path.name} decompresses to over {_MAX_GUNZIPPED >> 30} GB"
+                    )
+    except EOFError:
+        raise FrameError(
+            "truncated",
+            f"{path.name}: the gzip stream ends after {len(out)} decompressed bytes without its end marker: "
+            "cut short or still being written",
+        ) from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise FrameError("not_fits", f"{path.name}: broken gzip data ({exc})") from None
+    return bytes(out)
+
+
+@contextlib.contextmanager
+def _fits_stream(path: Path) -> Iterator[tuple[Any, int]]:
+    """(readable, seekable FITS bytes, their length): the file itself, or a gzip file decompressed in memory."""
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise FrameError("empty", f"{path.name} is empty (0 bytes)")
+        head = f.read(2)
+        f.seek(0)
+        if head == GZIP_MAGIC:
+            data = _gunzip(f, path)
+            if not data:
+                raise FrameError("empty", f"{path.name} decompresses to nothing")
+            yield io.BytesIO(data), len(data)
+        else:
+            yield f, size
 
 
 def _card_value(card: bytes) -> str | None:
@@ -297,22 +353,23 @@ def scan_hdus(path: Path) -> list[HduInfo]:
     """
     path = Path(path)
     try:
-        with _open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise FrameError("empty", f"{path.name} is empty (0 bytes)")
+        with _fits_stream(path) as (f, size):
             return _walk(f, size, path)
     except OSError as exc:
         raise _unreadable(path, exc) from exc
 
 
 def check_complete(path: Path) -> None:
-    """Raise FrameError unless ``path`` is a whole FITS file (every header ends, all promised data present).
+    """Raise FrameError unless ``path`` is a whole frame file: FITS (every header ends, all promised data present;
+    a gzip file's whole stream decompresses), or XISF (header complete, every data block inside the file).
 
-    Cheap: only header blocks are read. A file still being written fails as ``truncated``.
-    See :func:`scan_hdus` for the reasons.
+    Cheap for plain FITS and XISF: only headers are read. A file still being written fails as ``truncated``.
+    See :func:`scan_hdus` and :func:`nightshift.service.xisfio.scan_xisf` for the reasons.
     """
-    scan_hdus(path)
+    if is_xisf(Path(path)):
+        scan_xisf(Path(path))
+    else:
+        scan_hdus(path)
 
 
 def find_image_hdu(infos: list[HduInfo]) -> HduInfo:
@@ -416,9 +473,14 @@ def read_pixels(path: Path, info: HduInfo, header: fits.Header) -> np.ndarray:
     dtype = np.dtype(_BITPIX_DTYPES[info.bitpix])
     count = math.prod(shape)
     try:
-        with _open_regular(path) as f:
-            f.seek(info.data_offset)
-            raw = np.fromfile(f, dtype=dtype, count=count)
+        with _fits_stream(path) as (f, _size):
+            if isinstance(f, io.BytesIO):
+                buffer = f.getbuffer()[info.data_offset : info.data_offset + count * dtype.itemsize]
+                raw = np.frombuffer(bytes(buffer), dtype=dtype)
+                del buffer
+            else:
+                f.seek(info.data_offset)
+                raw = np.fromfile(f, dtype=dtype, count=count)
     except OSError as exc:
         raise _unreadable(path, exc) from exc
     if raw.size < count:
@@ -442,12 +504,13 @@ def read_pixels(path: Path, info: HduInfo, header: fits.Header) -> np.ndarray:
 
 
 def read_image(path: Path) -> Image:
-    """Read the frame of a FITS file: float32 pixels of the first 2-D image HDU and its header.
+    """Read the frame of a file: float32 pixels of the first 2-D image HDU and its header.
 
     Parameters
     ----------
     path : Path
-        The file (uint16 with BZERO = 32768, signed or float images; tile-compressed images too).
+        The file: FITS (uint16 with BZERO = 32768, any BITPIX with BSCALE/BZERO; tile-compressed images;
+        gzip-compressed files) or XISF (:func:`nightshift.service.xisfio.read_xisf`).
 
     Returns
     -------
@@ -461,10 +524,66 @@ def read_image(path: Path) -> Image:
         For every failure: see :func:`scan_hdus` and :func:`find_image_hdu`.
     """
     path = Path(path)
+    if is_xisf(path):
+        return read_xisf(path)
     infos = scan_hdus(path)
     info = find_image_hdu(infos)
     header = read_header(path, info, infos)
     return Image(data=read_pixels(path, info, header), header=header)
+
+
+def read_frame_header(path: Path) -> fits.Header:
+    """The header of a file's frame, as :func:`read_image` gives it (FITS or XISF), without reading pixels
+    (a gzip file is decompressed)."""
+    path = Path(path)
+    if is_xisf(path):
+        return read_xisf_header(path)
+    infos = scan_hdus(path)
+    return read_header(path, find_image_hdu(infos), infos)
+
+
+@dataclass
+class FrameSource:
+    """An open frame to read in pieces: ``section[rows, columns]`` gives float-convertible pixels with
+    BZERO/BSCALE applied (astropy's ``hdu.section`` for FITS, compressed or not; a memory map for XISF)."""
+
+    path: Path
+    header: fits.Header
+    shape: tuple[int, int]
+    section: Any
+
+
+@contextlib.contextmanager
+def open_frame(path: Path) -> Iterator[FrameSource]:
+    """Open a frame file for reading rows or strips without loading it whole (see :class:`FrameSource`)."""
+    path = Path(path)
+    if is_xisf(path):
+        info = scan_xisf(path)
+        pixels = xisf_pixels(path, info)
+        try:
+            yield FrameSource(path, read_xisf_header(path, info), info.shape, pixels)
+        finally:
+            mapped = getattr(pixels, "_mmap", None)
+            del pixels
+            if mapped is not None:
+                with contextlib.suppress(BufferError, ValueError):
+                    mapped.close()
+        return
+    header = read_frame_header(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hdul = fits.open(path, memmap=False)
+    try:
+        for hdu in hdul:
+            if (hdu.is_image or isinstance(hdu, fits.CompImageHDU)) and hdu.header.get("NAXIS", 0) >= 1:
+                shape = tuple(hdu.shape)
+                if len(shape) != 2:
+                    raise FrameError("unsupported_dimensions", f"{path.name}: image is {len(shape)}-D, not 2-D")
+                yield FrameSource(path, header, shape, hdu.section)  # type: ignore[arg-type]
+                return
+        raise FrameError("no_image_data", f"{path.name}: no image HDU")
+    finally:
+        hdul.close()
 
 
 def _clean_header(header: fits.Header) -> fits.Header:

@@ -11,10 +11,14 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-__all__ = ["KINDS", "QUARANTINE_REASONS", "FrameError", "FrameMeta", "Image"]
+__all__ = ["KINDS", "OTHER_KIND", "QUARANTINE_REASONS", "FrameError", "FrameMeta", "Image"]
 
 #: Frame kinds nightshift knows. ``darkflat`` is a dark taken at a flat's exposure (N.I.N.A. writes DARKFLAT).
 KINDS = ("bias", "dark", "flat", "light", "darkflat")
+
+#: The kind of a frame that is neither imaging calibration nor science (focus, test, pointing, arc, comparison):
+#: set aside with status ``ignored``, never quarantined (it is not broken) and never processed.
+OTHER_KIND = "other"
 
 #: Bounded vocabulary of reasons a file is kept aside; used as a metrics label, so never free text.
 QUARANTINE_REASONS = (
@@ -25,6 +29,7 @@ QUARANTINE_REASONS = (
     "incomplete",  # never stopped growing / never became whole within the timeout
     "no_image_data",  # a header with no image
     "unsupported_dimensions",  # not a 2-D image (cube, 1-D), or absurdly small
+    "multiple_amplifiers",  # read by several amplifiers (per-amplifier sections or extensions): not reduced
     "unknown_type",  # no header word or override says bias/dark/flat/light
     "missing_exposure",  # a dark, flat or light with no EXPTIME/EXPOSURE
     "bad_header_value",  # a header value that cannot be parsed (EXPTIME='abc', DATE-OBS='yesterday')
@@ -78,6 +83,9 @@ class FrameMeta:
     telescope: str | None = None
     bayerpat: str | None = None
     dialect: str | None = None  # which capture program's words were recognised (e.g. "maxim", "nina", "ekos")
+    date_source: str | None = None  # the keywords date_obs came from ("DATE-OBS+UTC-OBS", "DATE-OBS (date only)")
+    readout: str | None = None  # overscan subtracted and region kept ("raw" or sections and shape): must match
+    header_note: str | None = None  # what reading the header decided that a person should know
     extra: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping (not stored as columns)
 
     def row(self) -> dict[str, Any]:

@@ -3,25 +3,37 @@
 Each maker takes the raw paths of one calibration set, combines them with
 :func:`service.combine.combine_files` (bounded memory), and returns an :class:`~nightshift.service.frame.Image` whose
 header says what it is and how it was made: IMAGETYP 'MASTER ...', the matching keys of the set, NCOMBINE,
-COMBMETH, BIASSUB/DARKSUB/FLATNORM, the inputs and the steps as HISTORY. Bias is a sigma-clipped average;
-darks are bias-subtracted, then median-combined; flats are bias- (and dark-) subtracted, scaled by their own
-median, combined and normalised to median 1.
+COMBMETH, BIASSUB/DARKSUB/FLATNORM, OSCANSUB/OVERSCAN/TRIM, the inputs and the steps as HISTORY. Every
+input, biases included, first has its own overscan level subtracted and is trimmed when its header (or the
+setting) says so (:mod:`nightshift.service.readout`), so masters have the trimmed shape. Bias is a sigma-clipped
+average; darks are bias-subtracted, then median-combined; flats are bias- (and dark-) subtracted, scaled by their
+own median, combined and normalised to median 1.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.stats import mad_std
-from nightshift.service.calibrate import CalibrationError, check_dark_bias, dark_scale, exposure_of, is_bias_subtracted
+from nightshift.service.calibrate import (
+    CalibrationError,
+    check_dark_bias,
+    check_overscan,
+    dark_scale,
+    exposure_of,
+    is_bias_subtracted,
+)
 from nightshift.service.combine import DEFAULT_MEM_LIMIT, combine_files, read_header
-from nightshift.service.frame import Image
+from nightshift.service.filters import filter_key, header_filter
+from nightshift.service.frame import FrameError, Image
+from nightshift.service.night import parse_date_obs
 from nightshift.service.provenance import add_history, logged
+from nightshift.service.readout import AUTO, OFF, OVERSCAN_ORDER, Readout, readout_of
 
 __all__ = [
     "MATCH_KEYS",
@@ -49,21 +61,11 @@ _EXPTIME_ATOL = 1e-3
 
 
 def _start_time(header: fits.Header) -> datetime | None:
-    """DATE-OBS as a naive UTC datetime; a date alone is completed by TIME-OBS (IRAF style)."""
-    text = header.get("DATE-OBS")
-    if not isinstance(text, str):
-        return None
-    text = text.strip()
-    time_obs = header.get("TIME-OBS")
-    if "T" not in text and isinstance(time_obs, str):
-        text = f"{text}T{time_obs.strip()}"
+    """The exposure's UTC start as :func:`nightshift.service.night.parse_date_obs` reads it; None if unknown."""
     try:
-        stamp = datetime.fromisoformat(text)
-    except ValueError:
+        return parse_date_obs(header, exposure_of(header))
+    except FrameError:
         return None
-    if stamp.tzinfo is not None:
-        stamp = stamp.astimezone(UTC).replace(tzinfo=None)
-    return stamp
 
 
 def _mean_date(headers: Sequence[fits.Header]) -> str | None:
@@ -104,12 +106,57 @@ def _headers(paths: Sequence[Path | str]) -> list[fits.Header]:
     return [read_header(p) for p in paths]
 
 
-def _check_shape(master: Image | None, headers: Sequence[fits.Header], what: str) -> None:
+def _readout(
+    paths: Sequence[Path | str], headers: Sequence[fits.Header], overscan: str | None, trim: str | None
+) -> Readout:
+    """The one readout of a set's frames (overscan and region kept); refuse a set whose frames differ."""
+    plans = []
+    for path, header in zip(paths, headers, strict=True):
+        shape = (int(header.get("NAXIS2", 0)), int(header.get("NAXIS1", 0)))
+        try:
+            plans.append(readout_of(header, shape, overscan=overscan, trim=trim))
+        except FrameError as exc:
+            raise CalibrationError(f"{Path(path).name}: {exc.message}") from None
+    texts = {(p.raw_shape, p.describe()) for p in plans}
+    if len(texts) > 1:
+        raise CalibrationError(f"the set's frames are read differently: {sorted(t[1] for t in texts)}")
+    return plans[0]
+
+
+def _check_master(master: Image | None, readout: Readout, what: str) -> None:
+    """A master used on a set: of the set's trimmed shape, its bias level treated as the set's is."""
     if master is None:
         return
-    shape = (headers[0].get("NAXIS2"), headers[0].get("NAXIS1"))
-    if master.data.shape != shape:
-        raise CalibrationError(f"{what} has shape {master.data.shape}, the frames are {shape}")
+    if master.data.shape != readout.shape:
+        raise CalibrationError(f"{what} has shape {master.data.shape}, the frames are {readout.shape} once trimmed")
+
+
+def _combine(paths, readout: Readout, **options) -> tuple[np.ndarray, dict]:
+    return combine_files(paths, overscan=readout.overscan or OFF, trim=readout.trim or OFF, **options)
+
+
+def _readout_cards(readout: Readout) -> dict[str, tuple]:
+    cards: dict[str, tuple] = {
+        "OSCANSUB": (readout.overscan is not None, "each input's overscan level subtracted"),
+    }
+    if readout.overscan:
+        cards["OVERSCAN"] = (readout.overscan, "overscan region of the raw inputs")
+    if readout.trim:
+        cards["TRIM"] = (readout.trim, "region of the raw inputs kept")
+    return cards
+
+
+def _readout_step(readout: Readout, stats: dict) -> list[str]:
+    steps = []
+    levels = [v for v in stats.get("overscan_levels") or [] if v is not None]
+    if readout.overscan and levels:
+        steps.append(
+            f"overscan {readout.overscan} of each input subtracted per row (sigma-clipped mean, Legendre degree "
+            f"{OVERSCAN_ORDER}); levels {min(levels):.2f} to {max(levels):.2f} ADU"
+        )
+    if readout.trim:
+        steps.append(f"each input trimmed to {readout.trim}")
+    return steps
 
 
 def _master(
@@ -125,9 +172,13 @@ def _master(
     first = headers[0]
     header = fits.Header()
     header["IMAGETYP"] = (f"MASTER {kind.upper()}", "nightshift master calibration frame")
-    for key in (*MATCH_KEYS, *(["FILTER"] if kind == "flat" else [])):
+    for key in MATCH_KEYS:
         if key in first:
             header[key] = (first[key], first.comments[key])
+    if kind == "flat":
+        name, source = header_filter(first)
+        if name is not None:
+            header["FILTER"] = (name, f"filter of the inputs (from {source})")
     for key, card in cards.items():
         header[key] = card
     temp = _mean_number(headers, "CCD-TEMP")
@@ -163,8 +214,10 @@ def make_master_bias(
     inputs_note: Sequence[str] = (),
     sigma: float = 3.0,
     mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+    overscan: str | None = AUTO,
+    trim: str | None = AUTO,
 ) -> Image:
-    """Master bias: the sigma-clipped average of raw bias frames.
+    """Master bias: the sigma-clipped average of raw bias frames, each overscan-subtracted and trimmed first.
 
     Parameters
     ----------
@@ -176,15 +229,21 @@ def make_master_bias(
         Clipping threshold (standard deviations about the median of each pixel's stack).
     mem_limit_bytes : int
         Working memory for the combine.
+    overscan, trim : str
+        ``"auto"`` (the header's BIASSEC, TRIMSEC/DATASEC), ``"off"``, a section or a keyword name: see
+        :func:`nightshift.service.readout.readout_of`. Every frame of the set must be read the same way.
 
     Returns
     -------
     Image
-        float32, IMAGETYP 'MASTER BIAS', BIASSUB = F.
+        float32 of the trimmed shape, IMAGETYP 'MASTER BIAS', BIASSUB = F, OSCANSUB.
     """
     headers = _headers(paths)
-    data, stats = combine_files(paths, method="average", sigma=sigma, mem_limit_bytes=mem_limit_bytes)
-    return _master("bias", data, headers, stats, inputs_note, [_combined(stats)], _subtracted(False, False))
+    readout = _readout(paths, headers, overscan, trim)
+    data, stats = _combine(paths, readout, method="average", sigma=sigma, mem_limit_bytes=mem_limit_bytes)
+    steps = [*_readout_step(readout, stats), _combined(stats)]
+    cards = {**_subtracted(False, False), **_readout_cards(readout)}
+    return _master("bias", data, headers, stats, inputs_note, steps, cards)
 
 
 def _make_dark_like(
@@ -195,17 +254,27 @@ def _make_dark_like(
     sigma: float,
     inputs_note: Sequence[str],
     mem_limit_bytes: int,
+    overscan: str | None,
+    trim: str | None,
 ) -> Image:
     headers = _headers(paths)
     exptime = _common_exposure(list(paths), headers, kind)
-    _check_shape(bias, headers, "master bias")
+    readout = _readout(paths, headers, overscan, trim)
+    _check_master(bias, readout, "master bias")
+    check_overscan(readout.overscan is not None, readout.raw_shape, bias, None, trimmed=True)
     subtract = [(bias.data, 1.0)] if bias is not None else []
-    data, stats = combine_files(paths, method=method, sigma=sigma, subtract=subtract, mem_limit_bytes=mem_limit_bytes)
-    steps = []
+    data, stats = _combine(
+        paths, readout, method=method, sigma=sigma, subtract=subtract, mem_limit_bytes=mem_limit_bytes
+    )
+    steps = _readout_step(readout, stats)
     if bias is not None:
         steps.append(f"master bias subtracted from each input ({bias.header.get('NCOMBINE', '?')} frames)")
     steps.append(_combined(stats))
-    cards = {"EXPTIME": (exptime, "[s] exposure time of the inputs"), **_subtracted(bias is not None, False)}
+    cards = {
+        "EXPTIME": (exptime, "[s] exposure time of the inputs"),
+        **_subtracted(bias is not None, False),
+        **_readout_cards(readout),
+    }
     return _master(kind, data, headers, stats, inputs_note, steps, cards)
 
 
@@ -218,6 +287,8 @@ def make_master_dark(
     sigma: float = 3.0,
     inputs_note: Sequence[str] = (),
     mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+    overscan: str | None = AUTO,
+    trim: str | None = AUTO,
 ) -> Image:
     """Master dark of one exposure: inputs bias-subtracted with the master bias, then combined.
 
@@ -237,18 +308,20 @@ def make_master_dark(
         One line per input for the HISTORY.
     mem_limit_bytes : int
         Working memory for the combine.
+    overscan, trim : str
+        How each input is read first, as for :func:`make_master_bias`; the bias must be made the same way.
 
     Returns
     -------
     Image
-        float32, IMAGETYP 'MASTER DARK', EXPTIME of the inputs, BIASSUB.
+        float32, IMAGETYP 'MASTER DARK', EXPTIME of the inputs, BIASSUB, OSCANSUB.
 
     Raises
     ------
     CalibrationError
-        Inputs of different exposures or without one; a bias of another shape.
+        Inputs of different exposures or without one; a bias of another shape or readout.
     """
-    return _make_dark_like("dark", paths, bias, method, sigma, inputs_note, mem_limit_bytes)
+    return _make_dark_like("dark", paths, bias, method, sigma, inputs_note, mem_limit_bytes, overscan, trim)
 
 
 @logged
@@ -260,13 +333,15 @@ def make_master_darkflat(
     sigma: float = 3.0,
     inputs_note: Sequence[str] = (),
     mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+    overscan: str | None = AUTO,
+    trim: str | None = AUTO,
 ) -> Image:
     """Master darkflat (darks at the flats' exposure, N.I.N.A. DARKFLAT): combined like darks.
 
     Without ``bias`` (the usual case) it still holds the bias and replaces bias and dark for flats of its
     exposure. Parameters and result as :func:`make_master_dark`, IMAGETYP 'MASTER DARKFLAT'.
     """
-    return _make_dark_like("darkflat", paths, bias, method, sigma, inputs_note, mem_limit_bytes)
+    return _make_dark_like("darkflat", paths, bias, method, sigma, inputs_note, mem_limit_bytes, overscan, trim)
 
 
 def _flat_terms(
@@ -275,6 +350,7 @@ def _flat_terms(
     bias: Image | None,
     dark: Image | None,
     darkflat: Image | None,
+    readout: Readout,
 ) -> tuple[list, list[str], bool, bool]:
     """What to subtract from each flat: (array, per-flat factors) terms, step lines, BIASSUB, DARKSUB."""
     steps: list[str] = []
@@ -283,8 +359,9 @@ def _flat_terms(
             steps.append("darkflat replaces the master bias and dark for these flats")
         dark, bias = darkflat, (bias if is_bias_subtracted(darkflat) else None)
     check_dark_bias(bias, dark)
-    _check_shape(bias, headers, "master bias")
-    _check_shape(dark, headers, "master darkflat" if darkflat is not None else "master dark")
+    _check_master(bias, readout, "master bias")
+    _check_master(dark, readout, "master darkflat" if darkflat is not None else "master dark")
+    check_overscan(readout.overscan is not None, readout.raw_shape, bias, dark, trimmed=True)
     terms: list = []
     if bias is not None:
         terms.append((bias.data, 1.0))
@@ -315,6 +392,8 @@ def make_master_flat(
     sigma: float = 3.0,
     inputs_note: Sequence[str] = (),
     mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
+    overscan: str | None = AUTO,
+    trim: str | None = AUTO,
 ) -> Image:
     """Master flat of one filter, normalised so its median is 1 (FLATNORM = 'median').
 
@@ -341,11 +420,13 @@ def make_master_flat(
         One line per input for the HISTORY.
     mem_limit_bytes : int
         Working memory for the combine.
+    overscan, trim : str
+        How each input is read first, as for :func:`make_master_bias`; the masters must be made the same way.
 
     Returns
     -------
     Image
-        float32 with median 1, IMAGETYP 'MASTER FLAT', FILTER, BIASSUB, DARKSUB, FLATNORM = 'median'.
+        float32 with median 1, IMAGETYP 'MASTER FLAT', FILTER, BIASSUB, DARKSUB, FLATNORM = 'median', OSCANSUB.
 
     Raises
     ------
@@ -354,13 +435,15 @@ def make_master_flat(
         :func:`service.calibrate.check_dark_bias`).
     """
     headers = _headers(paths)
-    filters = {str(h.get("FILTER", "")).strip().lower() for h in headers}
+    filters = {filter_key(header_filter(h)[0]) or "" for h in headers}
     if len(filters) > 1:
         raise CalibrationError(f"flat set mixes filters {sorted(filters)}: one master per filter")
-    terms, steps, biassub, darksub = _flat_terms(paths, headers, bias, dark, darkflat)
-    data, stats = combine_files(
-        paths, method=method, sigma=sigma, scale="median", subtract=terms, mem_limit_bytes=mem_limit_bytes
+    readout = _readout(paths, headers, overscan, trim)
+    terms, steps, biassub, darksub = _flat_terms(paths, headers, bias, dark, darkflat, readout)
+    data, stats = _combine(
+        paths, readout, method=method, sigma=sigma, scale="median", subtract=terms, mem_limit_bytes=mem_limit_bytes
     )
+    steps[:0] = _readout_step(readout, stats)
     levels = stats["medians"]
     steps.append(f"each flat scaled by 1/its median (levels {min(levels):.6g} to {max(levels):.6g})")
     steps.append(_combined(stats))
@@ -373,6 +456,7 @@ def make_master_flat(
         **_subtracted(biassub, darksub),
         "FLATNORM": ("median", "master divided by its median: median = 1"),
         "FLATLVL": (float(np.median(levels)), "[ADU] median level of the inputs"),
+        **_readout_cards(readout),
     }
     return _master("flat", data, headers, stats, inputs_note, steps, cards)
 

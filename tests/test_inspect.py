@@ -117,6 +117,19 @@ def make_mostly_inf(tmp: Path) -> Path:
     return camera_file(tmp / "inf.fits", data)
 
 
+def make_per_amplifier_sections(tmp: Path) -> Path:
+    return camera_file(tmp / "quad.fits", BIASSEC1="[1:8,1:24]", BIASSEC2="[57:64,1:24]", TRIMSEC1="[9:32,1:24]")
+
+
+def make_one_extension_per_amplifier(tmp: Path) -> Path:
+    primary = fits.PrimaryHDU()
+    primary.header.update(GOOD_CARDS)
+    rng = np.random.default_rng(2)
+    amps = [fits.ImageHDU(rng.integers(900, 5000, (32, 40)).astype(np.uint16), name=f"AMP{i}") for i in (1, 2)]
+    fits.HDUList([primary, *amps]).writeto(tmp / "mef.fits")
+    return tmp / "mef.fits"
+
+
 CASES = [
     (make_empty, "empty", "0 bytes"),
     (make_not_fits, "not_fits", "seeing"),
@@ -134,6 +147,8 @@ CASES = [
     (make_constant, "constant_data", "1000"),
     (make_all_nan, "nan_data", "all 1024"),
     (make_mostly_inf, "nan_data", "640 of 1024"),
+    (make_per_amplifier_sections, "multiple_amplifiers", "BIASSEC1"),
+    (make_one_extension_per_amplifier, "multiple_amplifiers", "AMP2"),
 ]
 
 
