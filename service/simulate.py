@@ -25,15 +25,26 @@ where ``c`` is the image centre ``((W-1)/2, (H-1)/2)``, ``R`` the frame's small 
 meridian flip (180 degrees about the centre) and ``offset`` the frame's pointing offset (dither) in its own
 pixels.
 
+Observatory conventions (:class:`SimConfig` ``overscan``, ``prescan``, ``bias_drift``, ``time_keys``,
+``filter_keys``, ``filter_case``, ``untyped``, ``compress``, ``file_format``, dialect ``"observatory"``): a raw
+frame can be wider than the light-sensitive ``shape``, with prescan columns before it and overscan columns after
+it declared in BIASSEC/TRIMSEC/DATASEC, whose level is the bias level of that very readout; with ``bias_drift``
+the bias level of every pixel drifts through the night (:meth:`NightPlan.bias_offset`), which only the overscan
+can follow. ``truth_signal`` and the true maps stay in the light-sensitive shape, which is what a calibrated
+frame trimmed to TRIMSEC has. Files can be written tile-compressed (``.fits.fz``), gzip-compressed (``.fits.gz``)
+or as XISF.
+
 Nothing here is imported by the pipeline; tests, the demo and the benchmark use it.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
 import os
 import re
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -49,9 +60,12 @@ __all__ = [
     "BIAS_LEVEL",
     "BROKEN_FILES",
     "DIALECTS",
+    "FILTER_KEYS",
     "GAIN",
+    "OBSERVATORY",
     "READ_NOISE",
     "SATURATION",
+    "TIME_CONVENTIONS",
     "NightPlan",
     "SimConfig",
     "SimFrame",
@@ -77,6 +91,27 @@ FOCAL_LENGTH_MM = 1600.0
 PLATE_SOLVED = ("nina", "asiair", "sharpcap")
 #: Capture programs whose header words the simulator writes; "mixed" cycles through them frame by frame.
 DIALECTS = ("maxim", "nina", "ekos", "sharpcap", "sgp", "apt", "asiair", "iraf")
+#: An observatory's data-taking system (NOAO/IRAF style): OBSTYPE, date-only DATE-OBS with UTC-OBS, MJD-OBS,
+#: CCDSUM, two filter wheels, DETECTOR, LONGITUD; not part of "mixed".
+OBSERVATORY = "observatory"
+#: How the start time is written (``SimConfig.time_keys``): "" = the dialect's own way.
+TIME_CONVENTIONS = (
+    "",
+    "time-obs",
+    "ut",
+    "utc-obs",
+    "utcstart",
+    "ut-start",
+    "mjd",
+    "jd",
+    "date-avg",
+    "offset",
+    "date-only",
+)
+#: Where the filter is written (``SimConfig.filter_keys``): "" = FILTER (the observatory dialect: two wheels).
+FILTER_KEYS = ("", "FILTER", "FILTNAME", "wheels")
+#: Random stream of the overscan's read noise.
+_S_OSCAN = 8
 
 #: Deliberately broken files written with ``SimConfig(broken=True)``: file stem -> FrameError reason expected.
 BROKEN_FILES: dict[str, str] = {
@@ -105,6 +140,7 @@ _TYPE_WORDS = {
     "apt": {"bias": "Bias", "dark": "Dark", "flat": "Flat", "light": "Light"},
     "asiair": {"bias": "Bias", "dark": "Dark", "flat": "Flat", "light": "Light"},
     "iraf": {"bias": "zero", "dark": "dark", "flat": "flat", "light": "object"},
+    OBSERVATORY: {"bias": "ZERO", "dark": "DARK", "flat": "SKYFLAT", "light": "OBJECT"},
 }
 _SOFTWARE = {
     "maxim": "MaxIm DL Version 6.40 220803 1HM03",
@@ -115,8 +151,10 @@ _SOFTWARE = {
     "apt": "Astro Photography Tool - APT v.4.30",
     "asiair": "ASIAIR Plus 2.2",
     "iraf": None,
+    OBSERVATORY: None,
 }
 _EXTENSIONS = {
+    OBSERVATORY: ".fits",
     "maxim": ".fit",
     "nina": ".fits",
     "ekos": ".fits",
@@ -181,14 +219,38 @@ class SimConfig:
     cosmic_rays: float = 20.0
     exact_poisson: bool = False
     extension: str | None = None
+    overscan: int = 0
+    prescan: int = 0
+    bias_drift: float = 0.0
+    time_keys: str = ""
+    utc_offset: float = -7.0
+    filter_keys: str = ""
+    filter_case: str = ""
+    untyped: str = ""
+    longitude: float | None = None
+    compress: str = ""
+    file_format: str = "fits"
 
     def __post_init__(self) -> None:
         if self.order not in ("natural", "lights-first", "shuffled"):
             raise ValueError(f"unknown order {self.order!r}")
-        if self.dialect != "mixed" and self.dialect not in DIALECTS:
-            raise ValueError(f"unknown dialect {self.dialect!r}; one of {(*DIALECTS, 'mixed')}")
+        if self.dialect not in ("mixed", *DIALECTS, OBSERVATORY):
+            raise ValueError(f"unknown dialect {self.dialect!r}; one of {('mixed', *DIALECTS, OBSERVATORY)}")
         if min(self.shape) < 16:
             raise ValueError(f"frames of {self.shape} are too small to simulate")
+        choices = {
+            "time_keys": TIME_CONVENTIONS,
+            "filter_keys": FILTER_KEYS,
+            "filter_case": ("", "mixed"),
+            "untyped": ("", "lights", "all"),
+            "file_format": ("fits", "xisf"),
+            "compress": ("", "zlib") if self.file_format == "xisf" else ("", "fz", "gz"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} = {getattr(self, name)!r}: one of {allowed}")
+        if self.overscan < 0 or self.prescan < 0:
+            raise ValueError("overscan and prescan are numbers of columns, >= 0")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -292,9 +354,60 @@ class NightPlan:
             _, y = self._grid()
             ramp = np.float32(1.5) * y / np.float32(h)  # a faint slope along the readout direction
             bias = np.float32(BIAS_LEVEL) + cols[None, :] + rows[:, None] + ramp
-            bias -= np.float32(bias.mean() - BIAS_LEVEL)
+            shift = np.float32(bias.mean() - BIAS_LEVEL)
+            bias -= shift
             self._cache["bias"] = _readonly(bias.astype(np.float32))
+            level = np.float32(BIAS_LEVEL) - shift + rows[:, None] + ramp  # each row's readout level
+            self._cache["bias_rows"] = _readonly(np.ascontiguousarray(level[:, 0], dtype=np.float32))
         return self._cache["bias"]
+
+    def true_row_level(self) -> np.ndarray:
+        """The bias level of each row's readout (ADU, shape (rows,), read-only): what a noise-free overscan
+        shows, without the columns' fixed pattern and before any drift (:meth:`bias_offset`)."""
+        self.true_bias()
+        return self._cache["bias_rows"]
+
+    @property
+    def raw_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the raw files: the light-sensitive ``shape`` plus prescan and overscan columns."""
+        h, w = self.shape
+        return h, self.config.prescan + w + self.config.overscan
+
+    def sections(self) -> dict[str, str]:
+        """BIASSEC, TRIMSEC and DATASEC of the raw files (empty without prescan and overscan)."""
+        c = self.config
+        if not c.prescan and not c.overscan:
+            return {}
+        h, w = self.shape
+        out = {
+            "TRIMSEC": f"[{c.prescan + 1}:{c.prescan + w},1:{h}]",
+            "DATASEC": f"[{c.prescan + 1}:{c.prescan + w},1:{h}]",
+        }
+        if c.overscan:
+            skip = 2 if c.overscan > 8 else 0  # the first overscan columns hold charge-transfer tails
+            out["BIASSEC"] = f"[{c.prescan + w + 1 + skip}:{c.prescan + w + c.overscan},1:{h}]"
+        elif c.prescan:
+            out["BIASSEC"] = f"[1:{c.prescan},1:{h}]"
+        return out
+
+    def bias_offset(self, frame: SimFrame) -> np.ndarray:
+        """How far the bias level of ``frame``'s readout has drifted, per row (ADU, float32, shape (rows,)).
+
+        ``bias_drift`` x (the fraction of the night gone by + a slow wobble), and a slope of a tenth of that
+        along the rows; zero without ``bias_drift``.
+        """
+        h = self.shape[0]
+        drift = self.config.bias_drift
+        if not drift:
+            return np.zeros(h, dtype=np.float32)
+        if "night_span" not in self._cache:
+            times = [f.date_obs for f in self.frames]
+            self._cache["night_span"] = (min(times), max((max(times) - min(times)).total_seconds(), 1.0))
+        first, span = self._cache["night_span"]
+        u = (frame.date_obs - first).total_seconds() / span
+        level = drift * (u + 0.3 * math.sin(2.0 * math.pi * 1.5 * u))
+        slope = np.linspace(-0.05, 0.05, h, dtype=np.float32) * np.float32(level)
+        return (np.float32(level) + slope).astype(np.float32)
 
     def true_dark_rate(self) -> np.ndarray:
         """Dark current per pixel in ADU/s (float32, read-only), amplifier glow and hot pixels included."""
@@ -475,9 +588,28 @@ class NightPlan:
         raw += self.true_bias()
         if frame.kind != "bias" and c.cosmic_rays > 0:
             _add_cosmic_rays(raw, self._rng(_S_COSMIC, frame.index), c.cosmic_rays * float(t) / 100.0 * h * w / 1e6)
+        raw = self._with_readout(raw, frame)
         np.rint(raw, out=raw)
         np.clip(raw, 0, SATURATION, out=raw)
         return raw.astype(np.uint16)
+
+    def _with_readout(self, raw: np.ndarray, frame: SimFrame) -> np.ndarray:
+        """The light-sensitive pixels placed between prescan and overscan columns (the readout's level plus read
+        noise), and the bias drift added to every pixel; ``raw`` itself when there is neither."""
+        c = self.config
+        if not c.prescan and not c.overscan and not c.bias_drift:
+            return raw
+        h, w = self.shape
+        drift = self.bias_offset(frame)[:, None]
+        if not c.prescan and not c.overscan:
+            return raw + drift
+        out = np.empty(self.raw_shape, dtype=np.float32)
+        out[:, c.prescan : c.prescan + w] = raw + drift
+        noise = self._rng(_S_OSCAN, frame.index).standard_normal((h, c.prescan + c.overscan), dtype=np.float32)
+        level = self.true_row_level()[:, None] + drift
+        out[:, : c.prescan] = level + np.float32(READ_NOISE) * noise[:, : c.prescan]
+        out[:, c.prescan + w :] = level + np.float32(READ_NOISE) * noise[:, c.prescan :]
+        return out
 
     def header(self, frame: SimFrame) -> fits.Header:
         """The header the frame's capture program writes (no structural cards: astropy adds those).
@@ -485,8 +617,12 @@ class NightPlan:
         Lights of the programs that plate-solve as they capture (N.I.N.A., ASIAIR, SharpCap) carry a TAN WCS
         that matches where the frame's stars really are (offset, rotation, meridian flip included)."""
         hdr = _dialect_header(frame, self.config)
+        for key, section in self.sections().items():
+            hdr[key] = (section, _SECTION_COMMENTS[key])
         if frame.kind == "light" and frame.dialect in PLATE_SOLVED and frame.object is not None:
             hdr.update(self.wcs(frame))
+            if self.config.prescan:
+                hdr["CRPIX1"] = hdr["CRPIX1"] + self.config.prescan  # the WCS of the raw frame, prescan included
         return hdr
 
     def wcs(self, frame: SimFrame) -> fits.Header:
@@ -507,9 +643,16 @@ class NightPlan:
         return cards
 
     def frame_bytes(self, frame: SimFrame) -> bytes:
-        """The exact bytes of the file, broken or not."""
+        """The exact bytes of the file, broken or not (broken files are always plain FITS)."""
         if frame.broken is None:
             data, hdr = self.render(frame)
+            c = self.config
+            if c.file_format == "xisf":
+                return _xisf_bytes(data, hdr, codec=c.compress or None)
+            if c.compress == "fz":
+                return _fz_bytes(data, hdr)
+            if c.compress == "gz":
+                return gzip.compress(_fits_bytes(data, hdr), mtime=0)
             return _fits_bytes(data, hdr)
         return self._broken_bytes(frame)
 
@@ -649,13 +792,96 @@ def _date_cards(dt: datetime, dialect: str) -> tuple[dict[str, str], datetime]:
     return {"DATE-OBS": dt.strftime("%Y-%m-%dT%H:%M:%S.%f")}, dt
 
 
+def _clock_text(dt: datetime, decimals: int) -> str:
+    text = dt.strftime("%H:%M:%S")
+    return text + ("." + f"{dt.microsecond:06d}"[:decimals] if decimals else "")
+
+
+def _mjd(dt: datetime) -> float:
+    return (dt - datetime(1858, 11, 17)).total_seconds() / 86400.0
+
+
+def _time_cards(dt: datetime, dialect: str, config: SimConfig, exptime: float) -> tuple[dict[str, Any], datetime]:
+    """The start time as the dialect, or ``config.time_keys``, writes it, and the instant it says.
+
+    For ``"date-only"`` the instant is the true start (the header says only its date)."""
+    convention = config.time_keys or ("utc-obs" if dialect == OBSERVATORY else "")
+    if not convention:
+        return _date_cards(dt, dialect)
+    ms = dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+    day = ms.strftime("%Y-%m-%d")
+    if convention in ("time-obs", "utc-obs"):
+        return {"DATE-OBS": day, convention.upper(): _clock_text(ms, 3)}, ms
+    if convention in ("ut", "ut-start"):
+        cs = dt.replace(microsecond=dt.microsecond // 10000 * 10000)
+        return {"DATE-OBS": day, convention.upper(): _clock_text(cs, 2)}, cs
+    if convention == "utcstart":
+        whole = dt.replace(microsecond=0)
+        return {"DATE-OBS": day, "UTCSTART": _clock_text(whole, 0)}, whole
+    if convention == "mjd":
+        return {"MJD-OBS": round(_mjd(ms), 10)}, ms
+    if convention == "jd":
+        return {"JD": _mjd(ms) + 2400000.5}, ms
+    if convention == "date-avg":
+        middle = ms + timedelta(seconds=exptime / 2.0)
+        return {"DATE-AVG": middle.strftime("%Y-%m-%dT%H:%M:%S.%f")}, ms
+    if convention == "offset":
+        local = ms + timedelta(hours=config.utc_offset)
+        sign = "-" if config.utc_offset < 0 else "+"
+        minutes = round(abs(config.utc_offset) * 60)
+        zone = f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
+        stamp = local.strftime("%Y-%m-%dT%H:%M:%S.") + f"{local.microsecond // 1000:03d}" + zone
+        return {"DATE-OBS": stamp, "UT-OBS": _clock_text(ms, 3)}, ms
+    if convention == "date-only":
+        return {"DATE-OBS": day}, ms
+    raise ValueError(f"unknown time convention {convention!r}")
+
+
+def _filter_cards(name: str | None, frame: SimFrame, config: SimConfig) -> dict[str, str]:
+    """The filter as ``config.filter_keys`` (the dialect's own way by default) and ``filter_case`` write it."""
+    where = config.filter_keys or ("wheels" if frame.dialect == OBSERVATORY else "FILTER")
+    spelled = name
+    if name is not None and config.filter_case == "mixed":
+        spelled = (name, name.lower(), f" {name}")[frame.index % 3]
+    if where == "wheels":
+        if spelled is None:
+            return {"FILTER1": "open", "FILTER2": "open"}
+        return (
+            {"FILTER1": spelled, "FILTER2": "open"}
+            if frame.index % 2 == 0
+            else {"FILTER1": "Clear", "FILTER2": spelled}
+        )
+    if spelled is None:
+        return {}
+    if where == "FILTER" and frame.dialect in ("sgp", "apt"):
+        return {"FILTER": spelled.ljust(12)}
+    return {where: spelled}
+
+
+def _sexagesimal_longitude(value: float) -> str:
+    sign = "-" if value < 0 else ""
+    tenths = round(abs(value) * 36000)  # tenths of an arcsecond
+    d, rest = divmod(tenths, 36000)
+    m, t = divmod(rest, 600)
+    return f"{sign}{d} {m:02d} {t / 10:04.1f}"
+
+
+_TIME_COMMENTS = {
+    "DATE-OBS": "UTC start of exposure",
+    "UT-OBS": "UTC time of start of exposure",
+    "MJD-OBS": "[d] MJD at start of exposure",
+    "JD": "[d] Julian date at start of exposure",
+    "DATE-AVG": "UTC middle of exposure",
+}
+
+
 def _dialect_header(frame: SimFrame, config: SimConfig) -> fits.Header:
     d = frame.dialect
     kind = frame.kind
     word = _TYPE_WORDS[d][kind]
     hdr = fits.Header()
     exptime = round(float(frame.exptime), 6) if kind != "bias" else 0.0
-    dates, _ = _date_cards(frame.date_obs, d)
+    dates, _ = _time_cards(frame.date_obs, d, config, exptime)
     ccd_temp = round(frame.ccd_temp, 2)
     filt = frame.filter if kind in ("flat", "light") else None
     obj = frame.object if kind == "light" else None
@@ -666,9 +892,16 @@ def _dialect_header(frame: SimFrame, config: SimConfig) -> fits.Header:
         if value is not None:
             hdr[key] = (value, comment)
 
-    if d == "ekos":
+    observatory = d == OBSERVATORY
+    iraf_like = d in ("iraf", OBSERVATORY)
+    untyped = config.untyped == "all" or (config.untyped == "lights" and kind == "light")
+    if untyped:
+        pass  # the simplest cameras write no frame type at all
+    elif d == "ekos":
         put("IMAGETYP", "Light Frame", "Image type")
         put("FRAME", word, "Frame Type")
+    elif observatory:
+        put("OBSTYPE", word, "observation type")
     else:
         put("IMAGETYP", word, "Type of image")
     if d == "apt":
@@ -679,17 +912,28 @@ def _dialect_header(frame: SimFrame, config: SimConfig) -> fits.Header:
     else:
         put("EXPTIME", exptime, "Total Exposure Time (s)")
     for k, v in dates.items():
-        put(k, v, "UTC start of exposure" if k == "DATE-OBS" else "UTC time of start of exposure")
+        put(k, v, _TIME_COMMENTS.get(k, "UTC time of start of exposure"))
     if d == "nina":
         local = frame.date_obs - timedelta(hours=6)
         put("DATE-LOC", local.strftime("%Y-%m-%dT%H:%M:%S.%f"), "Time of observation (local)")
-    put("INSTRUME", config.camera, "Imaging instrument name")
-    put("TELESCOP", "16-inch RC" if d != "iraf" else None, "Telescope")
-    put("OBSERVAT", "Observatory" if d == "iraf" else None)
-    put("CCD-TEMP", ccd_temp, "[degC] CCD temperature")
-    if d not in ("ekos", "iraf"):
+    if observatory:
+        put("DETECTOR", config.camera, "detector")
+        put("TELESCOP", "1.0m", "telescope")
+        put("OBSERVAT", "Observatory", "observatory")
+        put("CCDTEMP", ccd_temp, "[degC] CCD temperature")
         put("SET-TEMP", float(config.set_temp), "[degC] CCD temperature setpoint")
-    if d == "iraf":
+        put("GAIN", GAIN, "[e-/ADU] gain")
+        put("RDNOISE", READ_NOISE * GAIN, "[e-] read noise")
+    else:
+        put("INSTRUME", config.camera, "Imaging instrument name")
+        put("TELESCOP", "16-inch RC" if d != "iraf" else None, "Telescope")
+        put("OBSERVAT", "Observatory" if d == "iraf" else None)
+        put("CCD-TEMP", ccd_temp, "[degC] CCD temperature")
+    if d not in ("ekos", "iraf", OBSERVATORY):
+        put("SET-TEMP", float(config.set_temp), "[degC] CCD temperature setpoint")
+    if config.longitude is not None:
+        put("LONGITUD", _sexagesimal_longitude(config.longitude), "[deg east] observatory longitude")
+    if iraf_like:
         put("CCDSUM", "1 1", "Binning")
     else:
         put("XBINNING", 1, "Binning factor in width")
@@ -697,7 +941,7 @@ def _dialect_header(frame: SimFrame, config: SimConfig) -> fits.Header:
     if d == "ekos":
         put("PIXSIZE1", PIXEL_SIZE_UM, "[um] Pixel Size 1")
         put("PIXSIZE2", PIXEL_SIZE_UM, "[um] Pixel Size 2")
-    elif d != "iraf":
+    elif not iraf_like:
         put("XPIXSZ", PIXEL_SIZE_UM, "[um] Pixel X axis size")
         put("YPIXSZ", PIXEL_SIZE_UM, "[um] Pixel Y axis size")
     if d in ("nina", "ekos", "sharpcap", "asiair"):
@@ -707,8 +951,8 @@ def _dialect_header(frame: SimFrame, config: SimConfig) -> fits.Header:
         put("READOUTM", "Normal", "Sensor readout mode")
     if d in ("maxim", "nina"):
         put("EGAIN", GAIN, "[e-/ADU] Electrons per A/D unit")
-    if filt is not None:
-        put("FILTER", filt.ljust(12) if d in ("sgp", "apt") else filt, "Active filter name")
+    for key, value in _filter_cards(filt, frame, config).items():
+        put(key, value, "Active filter name" if key == "FILTER" else "filter wheel position")
     if obj is not None:
         put("OBJECT", obj, "Name of the object of interest")
         if d in ("maxim", "ekos", "sgp", "apt"):
@@ -719,15 +963,61 @@ def _dialect_header(frame: SimFrame, config: SimConfig) -> fits.Header:
             put("DEC", round(dec, 6), "[deg] Declination of telescope")
         if d in ("maxim", "nina", "ekos"):
             put("PIERSIDE", pier.upper() if d == "ekos" else pier, "Telescope pier side")
-    put("FOCALLEN", FOCAL_LENGTH_MM if d != "iraf" else None, "[mm] Focal length")
+    put("FOCALLEN", FOCAL_LENGTH_MM if not iraf_like else None, "[mm] Focal length")
     put("SWCREATE", _SOFTWARE[d], "Capture software")
     return hdr
+
+
+_SECTION_COMMENTS = {
+    "BIASSEC": "overscan region",
+    "TRIMSEC": "useful part of the data",
+    "DATASEC": "light-sensitive region",
+}
 
 
 def _fits_bytes(data: np.ndarray | None, header: fits.Header) -> bytes:
     buf = io.BytesIO()
     fits.PrimaryHDU(data=data, header=header).writeto(buf)
     return buf.getvalue()
+
+
+def _fz_bytes(data: np.ndarray, header: fits.Header) -> bytes:
+    """fpack's layout: an empty primary HDU, the image Rice-compressed in tiles of rows in extension 1."""
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data=data, header=header, compression_type="RICE_1")]).writeto(
+        buf
+    )
+    return buf.getvalue()
+
+
+def _xisf_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "T" if value else "F"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _xisf_bytes(data: np.ndarray, header: fits.Header, *, codec: str | None = None) -> bytes:
+    """An XISF file as N.I.N.A. writes one: the image (mono, rows stored top row first as they are in ``data``)
+    and the header's cards as FITS keywords."""
+    from xisf import XISF
+
+    keywords: dict[str, list[dict[str, str]]] = {}
+    for card in header.cards:
+        if card.keyword in ("", "COMMENT", "HISTORY"):
+            continue
+        keywords.setdefault(card.keyword, []).append({"value": _xisf_value(card.value), "comment": card.comment})
+    with tempfile.TemporaryDirectory(prefix="nightshift-xisf-") as folder:
+        path = Path(folder) / "frame.xisf"
+        XISF.write(
+            str(path),
+            np.ascontiguousarray(data)[:, :, None],
+            creator_app="nightshift simulator",
+            image_metadata={"FITSKeywords": keywords},
+            codec=codec,
+        )
+        return path.read_bytes()
 
 
 # -- planning ------------------------------------------------------------------------------------------------
@@ -835,7 +1125,7 @@ def plan_night(config: SimConfig) -> NightPlan:
         else:
             dialect = DIALECTS[n_sound % len(DIALECTS)] if c.dialect == "mixed" else c.dialect
             n_sound += 1
-        _, when = _date_cards(s["time"], dialect)
+        _, when = _time_cards(s["time"], dialect, c, s["exptime"])
         frames.append(
             SimFrame(
                 name="",
@@ -866,6 +1156,14 @@ def plan_night(config: SimConfig) -> NightPlan:
     return NightPlan(config=c, frames=frames)
 
 
+def _file_extension(c: SimConfig, dialect: str) -> str:
+    """The file name's ending: the dialect's own (or ``extension``), ``.fz``/``.gz`` when compressed, ``.xisf``."""
+    if c.file_format == "xisf":
+        return ".xisf"
+    ext = c.extension or _EXTENSIONS[dialect]
+    return ext + {"fz": ".fz", "gz": ".gz"}.get(c.compress, "")
+
+
 def _number(frames: list[SimFrame], c: SimConfig, night: str) -> None:
     """Name the frames not yet named as capture programs do: numbered per group in time order."""
     seq: dict[tuple[Any, ...], int] = {}
@@ -873,7 +1171,7 @@ def _number(frames: list[SimFrame], c: SimConfig, night: str) -> None:
         group = (f.kind, f.object, f.filter, f.exptime)
         seq[group] = seq.get(group, 0) + 1
         n = seq[group]
-        ext = c.extension or _EXTENSIONS[f.dialect]
+        ext = _file_extension(c, f.dialect)
         if f.kind == "bias":
             stem, folder = f"Bias_{n:04d}", "CALIB/BIAS"
         elif f.kind == "dark":

@@ -30,6 +30,8 @@ _PREAMBLE = 16  # signature, header length (uint32 little-endian), reserved
 _MAX_HEADER = 64 * 2**20
 _LOCATION = re.compile(r"^attachment:(\d+):(\d+)$")
 _SAMPLE = {"UInt8": "u1", "UInt16": "u2", "UInt32": "u4", "Float32": "f4", "Float64": "f8"}
+#: The FITS BITPIX (and BZERO) that stores each XISF sample type.
+_FITS_TYPE = {"u1": (8, 0), "u2": (16, 32768), "u4": (32, 2**31), "f4": (-32, 0), "f8": (-64, 0)}
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,10 @@ def read_xisf_header(path: Path, info: XisfInfo | None = None) -> fits.Header:
     path = Path(path)
     info = info or scan_xisf(path)
     header = fits.Header()
+    bitpix, bzero = _FITS_TYPE[info.dtype.kind + str(info.dtype.itemsize)]
+    header["BITPIX"] = (bitpix, "FITS type of the XISF samples")
+    if bzero:
+        header["BZERO"] = (bzero, "unsigned XISF samples, as FITS writes them")
     header["NAXIS"] = 2
     header["NAXIS1"] = info.geometry[0]
     header["NAXIS2"] = info.geometry[1]
@@ -185,7 +191,7 @@ def read_xisf_header(path: Path, info: XisfInfo | None = None) -> fits.Header:
                     continue
                 value = _card_value(card.attrib.get("value", ""))
                 if name in ("BZERO", "BSCALE"):
-                    continue  # XISF samples are stored as they are; FITS scaling does not apply
+                    continue  # XISF samples are stored as they are: the FITS scaling they had does not apply
                 header.append(fits.Card(name, value, comment))
             except (ValueError, fits.VerifyError):
                 continue
