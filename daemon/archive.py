@@ -36,6 +36,8 @@ FRAME_STATUSES = {
     "stacked": "a light graded, aligned and in its stack (see stack_frames)",
     "rejected": "a light kept out of the stack by grading or alignment (reason says why)",
     "quarantined": "bad input kept aside (reason says why); the raw file is untouched",
+    "ignored": "neither imaging calibration nor science (focus, test, pointing, arc, comparison): set aside "
+    "unprocessed (reason says which)",
     "duplicate": "the same content as another frame (reason names it)",
 }
 GOOD_STATUSES = ("ingested", "used", "calibrated", "stacked")
@@ -187,6 +189,19 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
     db["events"].create_index(["frame_id"])
     db["frame_sources"].create({"frame_id": int, "stars": str}, pk="frame_id")
+
+
+@migrations()
+def m003_observatory(db: sqlite_utils.Database) -> None:
+    """Frames from observatories: where the time came from, the readout (overscan and region kept), and what
+    reading the header decided; masters record their readout, which a light's must equal."""
+    db["frames"].add_column("date_source", str)
+    db["frames"].add_column("readout", str)
+    db["frames"].add_column("header_note", str)
+    db["masters"].add_column("readout", str)
+    # before this migration, no frame had its overscan subtracted by default: every row was read as it was
+    db.execute("UPDATE frames SET readout = 'raw' WHERE kind IS NOT NULL")
+    db.execute("UPDATE masters SET readout = 'raw'")
 
 
 def now_iso() -> str:

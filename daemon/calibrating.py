@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nightshift.daemon.choose import Choice, choose_for_light
+from nightshift.daemon.choose import Choice, choose_for_light, readout_settings
 from nightshift.daemon.config import CalibrationConfig
 from nightshift.daemon.mastercache import MASTERS, combined_mask
 from nightshift.daemon.workspace import Timings, Workspace
@@ -71,6 +71,7 @@ def compute_light(job: LightJob) -> LightResult:
 
     Raises CalibrationError when the science refuses the masters."""
     rules, choice = job.rules, job.choice
+    overscan, trim = readout_settings(job.frame, rules)
     result = LightResult(job.calibrated, job.preview)
     with result.timings.stage("calibrate"):
         raw = read_image(Path(job.frame["path"]))
@@ -85,8 +86,8 @@ def compute_light(job: LightJob) -> LightResult:
             flat=flat,
             dark_factor=choice.dark_scale if dark is not None else None,
             mask=combined_mask(dark, flat),
-            overscan=rules.overscan or None,
-            trim=rules.trim or None,
+            overscan=overscan,
+            trim=trim,
             saturation=rules.saturation,
             cosmic_rays=rules.cosmic_rays,
             provenance=provenance,

@@ -1,9 +1,10 @@
 """Calibration sets: which frames belong together, when a set is complete, and building its master.
 
-A set is the calibration frames of one night that share the match keys (plus exposure for darks, filter for flats
-and the set-point). It is complete with at least ``min_frames`` frames and either a quiet time with nothing new for
-it, or a newer frame of another set or a light. Frames arriving later rebuild the master as a new version; the old
-one stays, marked superseded.
+A set is the calibration frames of one night that share the match keys and the readout (plus exposure for darks,
+filter for flats and the set-point); its frames are overscan-subtracted and trimmed as their readout says. It is
+complete with at least ``min_frames`` frames and either a quiet time with nothing new for it, or a newer frame of
+another set or a light. Frames arriving later rebuild the master as a new version; the old one stays, marked
+superseded.
 
 :class:`CalibrationSets` finds the sets ready to build, plans each master (the masters it needs, its version and
 path) and records it, on the archive's thread; :func:`compute_master` combines the frames from plain data only,
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.daemon.archive import now_iso
-from nightshift.daemon.choose import find_master
-from nightshift.daemon.config import SETUP_KEYS, CalibrationConfig
+from nightshift.daemon.choose import find_master, readout_settings
+from nightshift.daemon.config import ALWAYS_MATCHED, SETUP_KEYS, CalibrationConfig
 from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.workspace import Timings, Workspace
 from nightshift.service.fitsio import sha256_file, write_fits_atomic
@@ -59,9 +60,13 @@ class CalSet:
         return self.frames[0]
 
 
+def _keys(match_keys: list[str]) -> list[str]:
+    return [*match_keys, *(k for k in ALWAYS_MATCHED if k not in match_keys)]
+
+
 def set_key(frame: dict[str, Any], match_keys: list[str]) -> tuple[str, str]:
-    """(key, file-name slug) of the calibration set ``frame`` belongs to."""
-    parts = [frame["kind"], frame["night"]] + [f"{k}={frame.get(k)}" for k in match_keys]
+    """(key, file-name slug) of the calibration set ``frame`` belongs to (the readout always counts)."""
+    parts = [frame["kind"], frame["night"]] + [f"{k}={frame.get(k)}" for k in _keys(match_keys)]
     st = frame.get("set_temp")
     parts.append(f"set_temp={round(st) if st is not None else None}")
     slug_parts = [
@@ -76,6 +81,9 @@ def set_key(frame: dict[str, Any], match_keys: list[str]) -> tuple[str, str]:
         slug_parts.append(safe_component(frame.get("filter"), default="nofilter"))
     if st is not None:
         slug_parts.append(f"{round(st):+d}C")
+    readout = frame.get("readout")
+    if readout and readout != "raw":
+        slug_parts.append(safe_component(readout.rpartition(": ")[2], default="trimmed"))  # the trimmed shape
     return "|".join(parts), "_".join(slug_parts)
 
 
@@ -90,7 +98,7 @@ def _merge_unstated(rows: list[dict[str, Any]], match_keys: list[str]) -> dict[s
     for r in rows:
         key, slug = set_key(r, match_keys)
         groups.setdefault(key, CalSet(r["kind"], key, slug)).frames.append(r)
-    keys = [*match_keys, "set_temp", "exptime", "filter"]
+    keys = [*_keys(match_keys), "set_temp", "exptime", "filter"]
 
     def stated(s: CalSet) -> dict[str, Any]:
         return {k: s.first.get(k) for k in keys if s.first.get(k) is not None}
@@ -311,16 +319,24 @@ def compute_master(plan: MasterPlan) -> MasterResult:
     paths = [Path(f["path"]) for f in s.frames]
     inputs = [f"{Path(f['path']).name} sha256:{(f['sha256'] or '')[:16]}" for f in s.frames]
     mem = int(cfg.mem_limit_mb * 2**20)
+    overscan, trim = readout_settings(s.first, cfg)
+    read = {"overscan": overscan, "trim": trim}
     timings = Timings()
     with timings.stage("master"):
         bias_img, dark_img, darkflat_img = _load(plan, "bias"), _load(plan, "dark"), _load(plan, "darkflat")
         if s.kind == "bias":
-            img = make_master_bias(paths, inputs_note=inputs, sigma=cfg.sigma, mem_limit_bytes=mem)
+            img = make_master_bias(paths, inputs_note=inputs, sigma=cfg.sigma, mem_limit_bytes=mem, **read)
             method = f"sigclip-average {cfg.sigma:g}"
         elif s.kind in ("dark", "darkflat"):
             maker = make_master_dark if s.kind == "dark" else make_master_darkflat
             img = maker(
-                paths, bias=bias_img, method=cfg.dark_method, sigma=cfg.sigma, inputs_note=inputs, mem_limit_bytes=mem
+                paths,
+                bias=bias_img,
+                method=cfg.dark_method,
+                sigma=cfg.sigma,
+                inputs_note=inputs,
+                mem_limit_bytes=mem,
+                **read,
             )
             method = f"bias-subtracted {cfg.dark_method}" if bias_img is not None else cfg.dark_method
             if s.kind == "dark":
@@ -335,6 +351,7 @@ def compute_master(plan: MasterPlan) -> MasterResult:
                 sigma=cfg.sigma,
                 inputs_note=inputs,
                 mem_limit_bytes=mem,
+                **read,
             )
             method = f"median-scaled {cfg.flat_method}, normalised to median 1"
             img.mask = bad_pixel_mask(flat=img, low=cfg.flat_low, high=cfg.flat_high)

@@ -1,8 +1,9 @@
 """Choosing masters: one SQL query per calibration, the BANZAI way.
 
-A master matches when it has the same values for the configured match keys, a set-point within the tolerance,
-(flats) the same filter, (darks) an exposure that can serve, and lies within its kind's age limit; among those,
-the one nearest in time wins.
+A master matches when it has the same values for the configured match keys, the same readout (overscan
+subtracted or not, the same region kept: always), a set-point within the tolerance, (flats) the same filter,
+(darks) an exposure that can serve, and lies within its kind's age limit; among those, the one nearest in time
+wins.
 """
 
 from __future__ import annotations
@@ -11,20 +12,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nightshift.daemon.archive import Archive
-from nightshift.daemon.config import CalibrationConfig
+from nightshift.daemon.config import ALWAYS_MATCHED, CalibrationConfig
+from nightshift.service.readout import OFF, Readout
 
-__all__ = ["Choice", "choose_for_light", "find_master"]
+__all__ = ["Choice", "choose_for_light", "find_master", "readout_settings"]
 
 
 def _where_match(keys: list[str], frame: dict[str, Any]) -> tuple[str, list[Any]]:
-    """Equal on every match key that both sides state; a key a header does not state matches anything."""
+    """Equal on every match key that both sides state (a key a header does not state matches anything), and
+    on the keys that always match (:data:`~nightshift.daemon.config.ALWAYS_MATCHED`) whatever they are."""
     parts, args = [], []
     for k in keys:
-        if frame.get(k) is None:
+        if frame.get(k) is None or k in ALWAYS_MATCHED:
             continue
         parts.append(f"(m.{k} = ? OR m.{k} IS NULL)")
         args.append(frame[k])
-    return " AND ".join(parts) or "1", args
+    for k in ALWAYS_MATCHED:
+        parts.append(f"m.{k} IS ?")
+        args.append(frame.get(k))
+    return " AND ".join(parts), args
+
+
+def readout_settings(frame: dict[str, Any], rules: CalibrationConfig) -> tuple[str, str]:
+    """(overscan, trim) settings that read ``frame`` (a frames row) as it was recorded at ingest: its own
+    sections, so a frame is read the same way however the configuration changed since; the configured settings
+    for a row without a readout."""
+    text = frame.get("readout")
+    if text is None or not frame.get("naxis1") or not frame.get("naxis2"):
+        return rules.overscan or OFF, rules.trim or OFF
+    readout = Readout.parse(text, (int(frame["naxis2"]), int(frame["naxis1"])))
+    return readout.overscan or OFF, readout.trim or OFF
 
 
 def find_master(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.daemon.config import Config, ConfigError, load_config
-from nightshift.service.simulate import DIALECTS
+from nightshift.service.simulate import DIALECTS, OBSERVATORY, TIME_CONVENTIONS
 
 __all__ = ["main"]
 
@@ -136,10 +136,34 @@ def _simulate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lights", type=int, default=4, help="lights per object, filter and exposure")
     p.add_argument("--calibrations", type=int, default=5, help="bias frames, and darks/flats per set")
     p.add_argument("--order", choices=["natural", "lights-first", "shuffled"], default="natural")
-    p.add_argument("--dialect", choices=["mixed", *DIALECTS], default="mixed", help="capture program's header words")
+    p.add_argument(
+        "--dialect",
+        choices=["mixed", *DIALECTS, OBSERVATORY],
+        default="mixed",
+        help="capture program's header words (observatory: OBSTYPE, date-only DATE-OBS with UTC-OBS, two filter "
+        "wheels, CCDSUM, DETECTOR)",
+    )
     p.add_argument("--broken", action="store_true", help="also write one file of each broken kind")
     p.add_argument("--no-flip", action="store_true", help="no meridian flip")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--overscan",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N overscan columns (and a prescan of N/3) declared in BIASSEC/TRIMSEC/DATASEC",
+    )
+    p.add_argument(
+        "--bias-drift",
+        type=float,
+        metavar="ADU",
+        help="how far the bias level drifts through the night (default 20 with --overscan, else 0)",
+    )
+    p.add_argument("--time-keys", choices=[t for t in TIME_CONVENTIONS if t], help="how the start time is written")
+    p.add_argument("--untyped", choices=["lights", "all"], help="write no frame-type keyword on these frames")
+    p.add_argument("--longitude", type=float, metavar="DEG", help="write the site's longitude (LONGITUD)")
+    p.add_argument("--compress", choices=["fz", "gz", "zlib"], help="tile (.fits.fz) or gzip (.fits.gz); zlib: XISF")
+    p.add_argument("--format", choices=["fits", "xisf"], default="fits", dest="file_format", help="file format")
 
 
 def _config(args: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -159,18 +183,30 @@ def _sim_config(args: argparse.Namespace) -> Any:
     from nightshift.service.simulate import SimConfig
 
     n = args.calibrations
-    return SimConfig(
-        size=args.size,
-        n_bias=n,
-        n_dark=n,
-        n_flat=n,
-        n_light=args.lights,
-        order=args.order,
-        dialect=args.dialect,
-        broken=args.broken,
-        meridian_flip=not args.no_flip,
-        seed=args.seed,
-    )
+    options = {
+        "size": args.size,
+        "n_bias": n,
+        "n_dark": n,
+        "n_flat": n,
+        "n_light": args.lights,
+        "order": args.order,
+        "dialect": args.dialect,
+        "broken": args.broken,
+        "meridian_flip": not args.no_flip,
+        "seed": args.seed,
+        "overscan": args.overscan,
+        "prescan": args.overscan // 3,
+        "bias_drift": args.bias_drift if args.bias_drift is not None else (20.0 if args.overscan else 0.0),
+        "time_keys": args.time_keys or "",
+        "untyped": args.untyped or "",
+        "longitude": args.longitude,
+        "compress": args.compress or "",
+        "file_format": args.file_format,
+    }
+    try:
+        return SimConfig(**options)
+    except ValueError as exc:
+        raise ConfigError(f"simulate: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +16,36 @@ from typing import Any, get_type_hints
 from nightshift.service.frame import KINDS
 from nightshift.service.grade import RejectRules
 
-__all__ = ["SETUP_KEYS", "Config", "ConfigError", "load_config", "parse_listen"]
+__all__ = ["ALWAYS_MATCHED", "DEFAULT_INCLUDE", "SETUP_KEYS", "Config", "ConfigError", "load_config", "parse_listen"]
+
+
+_SECTION = re.compile(r"^\[\s*\d+\s*:\s*\d+\s*,\s*\d+\s*:\s*\d+\s*\]$")
+_KEYWORD = re.compile(r"^[A-Z][A-Z0-9_-]{0,7}$")
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and what was expected."""
 
 
+#: File names taken by default: FITS under its usual names, tile- and gzip-compressed FITS, XISF.
+DEFAULT_INCLUDE = [
+    "*.fits",
+    "*.fit",
+    "*.fts",
+    "*.fits.fz",
+    "*.fit.fz",
+    "*.fz",
+    "*.fits.gz",
+    "*.fit.gz",
+    "*.fts.gz",
+    "*.xisf",
+]
+
+
 @dataclass
 class WatchConfig:
     paths: list[str] = field(default_factory=lambda: ["/srv/camera"])
-    include: list[str] = field(default_factory=lambda: ["*.fits", "*.fit", "*.fts"])
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = field(default_factory=lambda: ["*.tmp", "*.part", ".*", "*~"])
     quiet_seconds: float = 2.0
     incomplete_timeout_seconds: float = 600.0
@@ -51,6 +71,8 @@ class ClassifyConfig:
     synonyms: dict[str, str] = field(default_factory=dict)
     filter_aliases: dict[str, str] = field(default_factory=dict)
     overrides: list[dict[str, str]] = field(default_factory=list)
+    untyped_lights: bool = True
+    filter_case: str = "ignore"
 
 
 @dataclass
@@ -77,8 +99,8 @@ class CalibrationConfig:
     flat_method: str = "average"
     sigma: float = 3.0
     mem_limit_mb: float = 512
-    overscan: str = ""
-    trim: str = ""
+    overscan: str = "auto"
+    trim: str = "auto"
     saturation: float = 65535.0
     cosmic_rays: bool = False
     hot_sigma: float = 8.0
@@ -142,7 +164,22 @@ class Config:
 
 
 #: Archive columns a calibration can be matched on (``[calibration] match_keys`` picks from these).
-SETUP_KEYS = ("camera", "xbin", "ybin", "gain", "offset", "readout_mode", "naxis1", "naxis2", "telescope", "bayerpat")
+SETUP_KEYS = (
+    "camera",
+    "xbin",
+    "ybin",
+    "gain",
+    "offset",
+    "readout_mode",
+    "naxis1",
+    "naxis2",
+    "telescope",
+    "bayerpat",
+    "readout",
+)
+#: Keys every calibration matches on, whatever ``match_keys`` says: the readout (overscan subtracted or not,
+#: the region kept and so the shape) must be the light's, or the masters would not even fit it.
+ALWAYS_MATCHED = ("readout",)
 
 
 def _expect(key: str, what: str, value: Any) -> ConfigError:
@@ -250,7 +287,15 @@ def _validate(cfg: Config) -> None:
     for i, rule in enumerate(cfg.classify.overrides):
         if set(rule) != {"glob", "kind"} or rule["kind"] not in KINDS:
             raise _expect(f"[classify] overrides[{i}]", f'{{ glob = "...", kind = one of {", ".join(KINDS)} }}', rule)
+    if cfg.classify.filter_case not in ("ignore", "keep"):
+        raise _expect("[classify] filter_case", '"ignore" (V and v are one filter) or "keep"', cfg.classify.filter_case)
     c = cfg.calibration
+    for key in ("overscan", "trim"):
+        value = getattr(c, key).strip()
+        if value.lower() in ("auto", "off", "") or _SECTION.match(value) or _KEYWORD.match(value.upper()):
+            continue
+        what = '"auto", "off", a section "[x1:x2,y1:y2]" or a header keyword such as "BIASSEC"'
+        raise _expect(f"[calibration] {key}", what, value)
     for kind in c.min_frames:
         if kind not in ("bias", "dark", "flat", "darkflat"):
             raise _expect(f"[calibration] min_frames.{kind}", "one of bias, dark, flat, darkflat", kind)

@@ -1,7 +1,9 @@
-"""Taking one file into the archive: hash, inspect, and record it as a frame, a duplicate, or quarantined.
+"""Taking one file into the archive: hash, inspect, and record it as a frame, a duplicate, set aside, or quarantined.
 
 A raw file is only read, never changed. Everything that goes wrong becomes a row with a reason and a note in
-``quarantine/``; nothing here raises for bad input.
+``quarantine/``; nothing here raises for bad input. A frame that is neither imaging calibration nor science (focus,
+test, pointing, arc, comparison) is recorded as ``ignored`` with its reason: kept apart from broken files. Filter
+names are filed under one spelling per filter (:class:`FilterNames`).
 """
 
 from __future__ import annotations
@@ -9,17 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nightshift.daemon.archive import Archive
 from nightshift.daemon.workspace import Workspace
 from nightshift.service.classify import ClassifyOptions
+from nightshift.service.filters import filter_key, most_used_spelling
 from nightshift.service.fitsio import sha256_file, write_bytes_atomic
-from nightshift.service.frame import FrameError, FrameMeta
+from nightshift.service.frame import OTHER_KIND, FrameError, FrameMeta
 from nightshift.service.inspect import inspect_frame
 
-__all__ = ["Examined", "examine", "quarantine", "record", "settled"]
+__all__ = ["Examined", "FilterNames", "examine", "quarantine", "record", "settled"]
 
 log = logging.getLogger("nightshift.ingest")
 
@@ -90,9 +95,42 @@ def settled(ws: Workspace, path: Path, size: int | None = None, mtime: float | N
     return size, mtime
 
 
-def record(ws: Workspace, ex: Examined) -> int | None:
-    """Record what ``examine`` found: a frame, a duplicate, or a quarantined file. Returns the frame id, or None
-    when the archive already held this content at this path."""
+@dataclass
+class FilterNames:
+    """One spelling per filter: names that compare equal (``V``, ``v``, `` V ``: spaces dropped, case folded
+    unless ``keep_case``) are filed under the spelling the archive already uses, else under the most used
+    spelling of the batch being taken in (:meth:`prefer`), else as written."""
+
+    keep_case: bool = False
+    preferred: dict[str, str] = field(default_factory=dict)
+
+    def key(self, name: str | None) -> str | None:
+        return filter_key(name, keep_case=self.keep_case)
+
+    def prefer(self, names: Iterable[str | None]) -> None:
+        """Remember the most used spelling of each filter among ``names`` (a batch about to be recorded)."""
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            if name is not None:
+                groups.setdefault(self.key(name) or "", []).append(name)
+        self.preferred = {k: most_used_spelling(v) or v[0] for k, v in groups.items()}
+
+    def file(self, archive: Archive, meta: FrameMeta) -> None:
+        """Set ``meta.filter`` to its filter's one spelling, and say so in its note when it changes."""
+        if meta.filter is None:
+            return
+        key = self.key(meta.filter)
+        known = [r["filter"] for r in archive.query("SELECT DISTINCT filter FROM frames WHERE filter IS NOT NULL")]
+        spelled = next((f for f in known if self.key(f) == key), None) or self.preferred.get(key or "", meta.filter)
+        if spelled != meta.filter:
+            note = f"filter {meta.filter!r} filed as {spelled!r}"
+            meta.header_note = f"{meta.header_note}; {note}" if meta.header_note else note
+            meta.filter = spelled
+
+
+def record(ws: Workspace, ex: Examined, names: FilterNames | None = None) -> int | None:
+    """Record what ``examine`` found: a frame, a duplicate, a frame set aside (``ignored``), or a quarantined file.
+    Returns the frame id, or None when the archive already held this content at this path."""
     spath = str(ex.path)
     base = {"path": spath, "size_bytes": ex.size, "mtime": ex.mtime, "sha256": ex.sha256}
     existing = ws.archive.frame_by_path(spath)
@@ -105,6 +143,7 @@ def record(ws: Workspace, ex: Examined) -> int | None:
     if ex.error is not None or ex.meta is None:
         return quarantine(ws, base, ex.error or FrameError("processing_error", "inspection gave no result"))
     meta = ex.meta
+    (names or FilterNames()).file(ws.archive, meta)
     row = {**meta.row(), "mtime": ex.mtime, "reason": None, "duplicate_of": None}
     original = ws.archive.frame_by_sha(ex.sha256 or "", exclude_path=spath)
     if original is not None:
@@ -118,14 +157,23 @@ def record(ws: Workspace, ex: Examined) -> int | None:
         ws.metrics.frames_duplicate.inc()
         log.info("duplicate %s: %s", spath, row["reason"])
         return frame_id
+    if meta.kind == OTHER_KIND:
+        row.update(status="ignored", reason=meta.extra.get("set_aside") or "not a frame nightshift reduces")
+        frame_id = ws.archive.record_frame(row)
+        ws.archive.event("ingest", "ignored", row["reason"], frame_id=frame_id)
+        log.info("set aside %s: %s", spath, row["reason"])
+        return frame_id
     row["status"] = "ingested"
     frame_id = ws.archive.record_frame(row)
     note = f"{meta.kind} {meta.exptime:g}s" if meta.exptime is not None else meta.kind
     if meta.filter:
         note += f" filter {meta.filter}"
-    ws.archive.event(
-        "ingest", "ingested", f"{note} (night {meta.night}, header words: {meta.dialect})", frame_id=frame_id
-    )
+    detail = f"{note} (night {meta.night}, header words: {meta.dialect})"
+    if meta.header_note:
+        detail += f"; {meta.header_note}"
+    ws.archive.event("ingest", "ingested", detail, frame_id=frame_id)
+    if meta.extra.get("looks_like"):
+        log.warning("%s: %s", spath, meta.header_note)
     ws.metrics.frames_ingested.labels(kind=meta.kind).inc()
     # the file time, not DATE-OBS: a camera clock set in the future must not hide a stall
     ws.metrics.set_newest_frame(min(ex.mtime, time.time()))

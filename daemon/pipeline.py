@@ -22,7 +22,7 @@ from nightshift.daemon.archive import Archive
 from nightshift.daemon.calibrating import compute_light, plan_light, record_light, refuse_light
 from nightshift.daemon.calsets import CAL_KINDS, CalibrationSets, compute_master
 from nightshift.daemon.config import Config
-from nightshift.daemon.intake import Examined, examine, quarantine, record, settled
+from nightshift.daemon.intake import Examined, FilterNames, examine, quarantine, record, settled
 from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.metrics import Metrics
 from nightshift.daemon.products import Layout
@@ -82,7 +82,12 @@ class Pipeline:
             filter_aliases=dict(c.filter_aliases),
             longitude=config.site.longitude,
             timezone=config.site.timezone or None,
+            untyped_lights=c.untyped_lights,
+            filter_keep_case=c.filter_case == "keep",
+            overscan=config.calibration.overscan or "off",
+            trim=config.calibration.trim or "off",
         )
+        self.filter_names = FilterNames(keep_case=c.filter_case == "keep")
         self.masters_changed = True
 
     # -- intake ---------------------------------------------------------------------------------------------------
@@ -91,7 +96,7 @@ class Pipeline:
         path = Path(path).absolute()
         try:
             found = settled(self.ws, path, size, mtime)
-            return None if found is None else record(self.ws, self._examine(path, *found))
+            return None if found is None else record(self.ws, self._examine(path, *found), self.filter_names)
         except Exception as exc:
             return self._ingest_failed(path, exc)
 
@@ -229,7 +234,8 @@ class Pipeline:
         return done
 
     def ingest_many(self, paths: list[Path], *, progress: Callable[[], None] | None = None) -> None:
-        """Ingest files in order, reading and hashing them on the workers."""
+        """Ingest files in order, reading and hashing them on the workers; a filter written several ways is filed
+        under the batch's most used spelling (unless the archive already has one)."""
         todo = []
         for path in paths:
             path = Path(path).absolute()
@@ -241,16 +247,18 @@ class Pipeline:
             if found is not None:
                 todo.append((path, found))
         if self._pool is None:
-            examined = (_run(self._examine, path, *found) for path, found in todo)
+            examined = [_run(self._examine, path, *found) for path, found in todo]
         else:
-            examined = (
+            examined = [
                 f.result() for f in [self._pool.submit(_run, self._examine, path, *found) for path, found in todo]
-            )
+            ]
+        names = FilterNames(keep_case=self.filter_names.keep_case)
+        names.prefer(ex.meta.filter for ex, _error in examined if ex is not None and ex.meta is not None)
         for (path, _found), (ex, error) in zip(todo, examined, strict=True):
             try:
                 if error is not None:
                     raise error
-                record(self.ws, ex)
+                record(self.ws, ex, names)
             except Exception as exc:
                 self._ingest_failed(path, exc)
             if progress is not None:

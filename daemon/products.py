@@ -11,11 +11,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nightshift.service.readout import Readout
 from nightshift.service.safepath import safe_component, safe_join
 
-__all__ = ["Layout"]
+__all__ = ["Layout", "product_shape"]
 
 log = logging.getLogger("nightshift.products")
+
+#: Endings of raw file names dropped from product names (compared in lower case; longest first).
+_RAW_SUFFIXES = (
+    ".fits.fz",
+    ".fit.fz",
+    ".fts.fz",
+    ".fits.gz",
+    ".fit.gz",
+    ".fts.gz",
+    ".fits",
+    ".fit",
+    ".fts",
+    ".fz",
+    ".xisf",
+)
 
 FOLDERS = ("masters", "calibrated", "aligned", "stacks", "previews", "quarantine", "reports")
 
@@ -24,6 +40,13 @@ def _exp(exptime: float | None) -> str:
     if exptime is None:
         return "unknown"
     return f"{exptime:g}s"
+
+
+def product_shape(frame: dict[str, Any]) -> tuple[int, int]:
+    """(rows, columns) of a frame's calibrated, aligned and stacked products: its raw shape (``naxis2``,
+    ``naxis1``) trimmed as its ``readout`` says."""
+    raw = (int(frame["naxis2"]), int(frame["naxis1"]))
+    return Readout.parse(frame.get("readout"), raw).shape
 
 
 class Layout:
@@ -46,8 +69,8 @@ class Layout:
     @staticmethod
     def _stem(frame: dict[str, Any]) -> str:
         name = Path(frame["path"]).name
-        for suffix in (".fits", ".fit", ".fts", ".FITS", ".FIT", ".FTS"):
-            if name.endswith(suffix):
+        for suffix in _RAW_SUFFIXES:
+            if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
                 break
         return f"{frame['id']:06d}_{safe_component(name, max_len=80)}"

@@ -17,6 +17,7 @@ from typing import Any
 from astropy.io import fits
 from nightshift.daemon.archive import now_iso
 from nightshift.daemon.config import GradingConfig, StackingConfig
+from nightshift.daemon.products import product_shape
 from nightshift.daemon.workspace import Workspace
 from nightshift.service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
 from nightshift.service.frame import Image
@@ -137,7 +138,7 @@ class Stacker:
                 if ref_grade is None:
                     raise AlignError("the reference frame has no star list")
                 transform = find_transform(grade.stars, ref_grade.stars)
-                aligned = apply_transform(img, transform, (ref["naxis2"], ref["naxis1"]))
+                aligned = apply_transform(img, transform, product_shape(ref))
             path = self.layout.aligned(frame)
             write_fits_atomic(path, aligned)
         return path, transform
@@ -272,7 +273,7 @@ class Stacker:
                 )
                 kept.append(self.archive.frame(m["id"]))
             if kept:
-                live = self._live(stack, kept, (frame["naxis2"], frame["naxis1"]))
+                live = self._live(stack, kept, product_shape(frame))
                 header = self._stack_header(stack, kept, final=False)
                 self._write_stack(stack, live.image(header, history=False), kept, final=False)
             self.archive.event("align", "rebased", f"new reference frame {frame['id']}", stack_id=stack["id"])
@@ -315,7 +316,7 @@ class Stacker:
         stack = self._stack_row(frame, ref["id"])
         members = [m for m in self._members(stack["id"]) if m["id"] != frame["id"]]
         with self.metrics.stage("stack"):
-            shape = (ref["naxis2"], ref["naxis1"])
+            shape = product_shape(ref)
             live = self._live(stack, members, shape)
             aligned = read_image(aligned_path)
             aligned.mask = read_mask(aligned_path)

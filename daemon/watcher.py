@@ -3,7 +3,8 @@
 A watchdog observer (inotify, or polling for network mounts) reports paths; its handler only puts them in
 an inbox and wakes the daemon's main loop. The main loop calls :meth:`FolderWatcher.poll`, which turns the
 inbox into *candidates* and settles them: a candidate is offered once its size and mtime have not changed for
-``quiet_seconds`` and ``nightshift.service.fitsio.check_complete`` finds a whole FITS file in it. A folder scan at start
+``quiet_seconds`` and ``nightshift.service.fitsio.check_complete`` finds a whole frame file in it (FITS, a gzip stream
+that decompresses to the end, or an XISF file with every data block present). A folder scan at start
 and every ``rescan_interval`` catches files whose events were never seen.
 
 How a file settles (the same with inotify and with polling):
@@ -11,10 +12,10 @@ How a file settles (the same with inotify and with polling):
 - Every created, modified or moved-in event, and every observed change of (size, mtime), restarts the quiet
   time. A close-write event is only a reason to look at the file: it does not shorten the quiet time, because
   some capture programs and network clients close and reopen a file while writing it.
-- A quiet file is checked with ``check_complete`` (headers only). Whole: offered. ``truncated``: kept waiting
-  for more data, and reported :class:`Incomplete` once ``incomplete_timeout`` has passed since it was first
-  seen. Any other failure (``not_fits``, ``empty``, ``unreadable``): offered anyway, so that ingest
-  quarantines it with its exact reason.
+- A quiet file is checked with ``check_complete`` (headers only; a gzip file is decompressed). Whole: offered.
+  ``truncated``: kept waiting for more data, and reported :class:`Incomplete` once ``incomplete_timeout`` has
+  passed since it was first seen. Any other failure (``not_fits``, ``empty``, ``unreadable``): offered anyway, so
+  that ingest quarantines it with its exact reason.
 - A path is offered once per (size, mtime); a file that changes after being offered becomes a candidate
   again.
 - A file that vanishes before it settles is dropped silently.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from nightshift.daemon.config import DEFAULT_INCLUDE
 from nightshift.service.fitsio import check_complete
 from nightshift.service.frame import FrameError
 from watchdog.events import (
@@ -104,7 +106,7 @@ class WatchOptions:
     """
 
     paths: list[Path]
-    include: list[str] = field(default_factory=lambda: ["*.fits", "*.fit", "*.fts"])
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = field(default_factory=lambda: ["*.tmp", "*.part", ".*", "*~"])
     quiet_seconds: float = 2.0
     incomplete_timeout: float = 600.0
