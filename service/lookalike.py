@@ -46,12 +46,17 @@ def _binned(data: np.ndarray, target: int = 1024) -> np.ndarray:
 
 
 def _sources(data: np.ndarray) -> tuple[int, float, float]:
-    """(sources above 5 sigma, background level, robust scatter about the background) of a binned frame."""
+    """(sources above 5 sigma, background level, pixel-to-pixel scatter) of a binned frame.
+
+    The scatter is that of differences between neighbouring pixels (divided by sqrt 2): vignetting and other
+    large-scale structure do not count, noise and stars do.
+    """
     import sep
 
-    bkg = sep.Background(data, bw=64, bh=64)
+    mesh = max(16, min(64, min(data.shape) // 8))
+    bkg = sep.Background(data, bw=mesh, bh=mesh)
     residual = data - bkg.back()
-    scatter = float(mad_std(residual, ignore_nan=True))
+    scatter = float(mad_std(np.diff(data, axis=1), ignore_nan=True)) / np.sqrt(2.0)
     try:
         found = sep.extract(residual, 5.0, err=max(scatter, 1e-3), minarea=4)
         n = len(found)
