@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("frames", help="list frames")
     _common(p)
     _listing(p)
-    p.add_argument("--kind", choices=["bias", "dark", "flat", "light", "darkflat"])
+    p.add_argument("--kind", choices=["bias", "dark", "flat", "light", "darkflat", "other"])
     p.add_argument("--status")
 
     p = sub.add_parser("quarantine", help="list quarantined files with their reasons")

@@ -46,6 +46,14 @@ def read_header(path: Path | str) -> fits.Header:
     return read_frame_header(Path(path))
 
 
+#: Rows read at a time to measure an input's overscan.
+_STRIP_ROWS = 512
+
+
+def _size(region: tuple[slice, slice]) -> tuple[int, int]:
+    return region[0].stop - region[0].start, region[1].stop - region[1].start
+
+
 class _Input:
     """One input of a combine: its rows, overscan-subtracted and trimmed as its readout says."""
 
@@ -56,18 +64,26 @@ class _Input:
         except FrameError as exc:
             raise ValueError(f"{source.path.name}: {exc.message}") from None
         self.level: np.ndarray | None = None
+        height, width = source.shape
         region = self.readout.overscan_region
         if region is not None:
-            strip = np.asarray(source.section[region[0], region[1]], dtype=np.float32)
+            strip = np.empty(_size(region), dtype=np.float32)
+            for y0 in range(region[0].start, region[0].stop, _STRIP_ROWS):
+                y1 = min(region[0].stop, y0 + _STRIP_ROWS)
+                strip[y0 - region[0].start : y1 - region[0].start] = self._rows(y0, y1)[:, region[1]]
             self.level = overscan_level(strip, region, source.shape)
-        height, width = source.shape
         self.rows, self.cols = self.readout.trim_region or (slice(0, height), slice(0, width))
+        self.full_width = (self.cols.start, self.cols.stop) == (0, width)
         self.shape = self.readout.shape
+
+    def _rows(self, r0: int, r1: int) -> np.ndarray:
+        # whole rows: astropy reads a band of whole rows in one go, but a column range row by row (20x slower)
+        return self.source.section[r0:r1, :]
 
     def read(self, y0: int, y1: int, dest: np.ndarray) -> None:
         """Rows y0:y1 of the (trimmed) frame into ``dest``, the overscan level taken off."""
         r0, r1 = self.rows.start + y0, self.rows.start + y1
-        dest[...] = self.source.section[r0:r1, self.cols]
+        dest[...] = self._rows(r0, r1) if self.full_width else self._rows(r0, r1)[:, self.cols]
         if self.level is not None:
             if self.level.shape[1] == 1:
                 dest -= self.level[r0:r1]

@@ -359,20 +359,22 @@ def apply_readout(
     """
     if data.shape != tuple(readout.raw_shape):
         raise SectionError(f"the frame is {data.shape[1]}x{data.shape[0]}, its readout is for {readout.raw_shape}")
-    work = np.array(data, dtype=np.float32, copy=True)
     steps = []
     region = readout.overscan_region
+    if region is not None and level is None:
+        level = overscan_level(data[region], region, data.shape)
+    trim = readout.trim_region or (slice(0, data.shape[0]), slice(0, data.shape[1]))
     if region is not None:
-        if level is None:
-            level = overscan_level(work[region], region, work.shape)
-        work -= level
-        how = "per row" if np.ndim(level) == 2 and np.shape(level)[1] == 1 else "per column"
+        assert level is not None
+        per_row = np.ndim(level) == 2 and np.shape(level)[1] == 1
+        cut = level[trim[0]] if per_row else level[:, trim[1]]
+        work = np.subtract(data[trim], cut, dtype=np.float32)  # one pass: subtract and trim
         steps.append(
-            f"overscan {readout.overscan} subtracted ({how}: sigma-clipped mean, Legendre degree {OVERSCAN_ORDER} "
-            f"fitted; level {float(np.mean(level)):.2f} ADU)"
+            f"overscan {readout.overscan} subtracted ({'per row' if per_row else 'per column'}: sigma-clipped mean, "
+            f"Legendre degree {OVERSCAN_ORDER} fitted; level {float(np.mean(level)):.2f} ADU)"
         )
-    trim = readout.trim_region
-    if trim is not None:
-        work = np.ascontiguousarray(work[trim])
+    else:
+        work = np.array(data[trim], dtype=np.float32, copy=True)
+    if readout.trim_region is not None:
         steps.append(f"trimmed to {readout.trim}")
     return work, steps

@@ -17,7 +17,7 @@ from nightshift.service.classify import ClassifyOptions
 from nightshift.service.fitsio import check_complete, read_image
 from nightshift.service.frame import FrameError
 from nightshift.service.inspect import inspect_frame
-from nightshift.service.simulate import SimConfig, _xisf_bytes, plan_night, simulate_night
+from nightshift.service.simulate import SimConfig, _fz_bytes, _xisf_bytes, plan_night, simulate_night
 
 OPTIONS = ClassifyOptions()
 
@@ -69,6 +69,7 @@ def test_compressed_and_xisf_files_are_checked_whole(tmp_path):
     plain = plan.frame_bytes(frame)
     files = {
         "a.fits.gz": gzip.compress(plain),
+        "d.fits.fz": _fz_bytes(data, header),
         "b.xisf": _xisf_bytes(data, header),
         "c.xisf": _xisf_bytes(data, header, codec="zlib"),
     }

@@ -371,7 +371,11 @@ def test_stop_and_missing_folder(tmp_path):
         (".a.fits", False),
         (".cache/a.fits", False),
         ("night/.trash/sub/a.fits", False),
-        ("a.xisf", False),
+        ("a.xisf", True),
+        ("a.fits.fz", True),
+        ("a.FIT.GZ", True),
+        ("a.fits.gz.part", False),
+        ("notes.txt", False),
     ],
 )
 def test_is_wanted(relative, wanted):
