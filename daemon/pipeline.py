@@ -30,7 +30,9 @@ from nightshift.daemon.stacking import Stacker
 from nightshift.daemon.workspace import Workspace
 from nightshift.service.calibrate import CalibrationError
 from nightshift.service.classify import ClassifyOptions
+from nightshift.service.fitsio import read_frame_header
 from nightshift.service.frame import FrameError
+from nightshift.service.night import header_longitude
 
 __all__ = ["MAX_TRIES", "Pipeline"]
 
@@ -68,6 +70,7 @@ class Pipeline:
         self.stacker = Stacker(self.ws, config.grading, config.stacking)
         self.masters_changed = True  # retry pending lights once at start
         self._ended: set[str] | None = set()  # nights being closed by end_night (None: every night)
+        self._night_longitude: dict[str, float | None] = {}
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
@@ -309,15 +312,34 @@ class Pipeline:
 
     # -- the clock of the night -----------------------------------------------------------------------------------
     def night_end_utc(self, night: str) -> datetime:
-        """Local noon after the night began, in UTC (naive)."""
+        """Local noon after the night began, in UTC (naive): the site of the config, else the longitude the
+        night's frames state in their headers (as their night was found), else UTC."""
         noon = datetime.combine(date.fromisoformat(night) + timedelta(days=1), datetime.min.time()).replace(hour=12)
         site = self.config.site
         if site.timezone:
             return noon.replace(tzinfo=ZoneInfo(site.timezone)).astimezone(UTC).replace(tzinfo=None)
-        if site.longitude is not None:
-            lon = site.longitude - 360 if site.longitude > 180 else site.longitude
+        lon = site.longitude if site.longitude is not None else self._header_longitude(night)
+        if lon is not None:
+            lon = (lon + 180.0) % 360.0 - 180.0
             return noon - timedelta(hours=lon / 15.0)
         return noon
+
+    def _header_longitude(self, night: str) -> float | None:
+        """The site longitude a frame of ``night`` states in its header (read once per night), or None."""
+        if night not in self._night_longitude:
+            row = self.archive.one(
+                "SELECT path FROM frames WHERE night = ? AND kind IS NOT NULL AND status != 'quarantined' "
+                "ORDER BY id LIMIT 1",
+                [night],
+            )
+            found = None
+            if row is not None:
+                try:
+                    found = header_longitude(read_frame_header(Path(row["path"])))
+                except (OSError, FrameError, ValueError):
+                    found = None
+            self._night_longitude[night] = found[0] if found else None
+        return self._night_longitude[night]
 
     def finished_nights(self) -> list[str]:
         """Nights with unfinished work whose local noon has passed."""

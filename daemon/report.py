@@ -577,7 +577,7 @@ def _lights(d: dict[str, Any], pics: _Pictures) -> str:
 
 def _rejected(d: dict[str, Any]) -> str:
     rejected = [f for f in d["frames"] if f["status"] == "rejected"]
-    others = [f for f in d["frames"] if f["status"] in ("pending", "duplicate", "ingested")]
+    others = [f for f in d["frames"] if f["status"] in ("pending", "duplicate", "ingested", "ignored")]
     if rejected:
         rows = [
             [
@@ -607,7 +607,7 @@ def _rejected(d: dict[str, Any]) -> str:
             ]
             for f in others
         ]
-        body += "<h3>Waiting or duplicate</h3>" + _table(
+        body += "<h3>Waiting, duplicate or set aside</h3>" + _table(
             ["id", "kind", "file", "object", "filter", "status", "reason"], rows
         )
     return _section("rejected", "Rejected frames", body)
@@ -725,7 +725,7 @@ table.lights td:nth-child(3){overflow-wrap:break-word}
 .st{display:inline-block;padding:0 6px;border-radius:8px;font-size:12px;background:#e5e7eb}
 .st-stacked,.st-used,.st-calibrated,.st-final{background:#d7f0dc;color:#14532d}
 .st-rejected,.st-quarantined{background:#fadbd8;color:#8a1c14}
-.st-pending,.st-live,.st-duplicate{background:#fdf0c8;color:#6b4e00}
+.st-pending,.st-live,.st-duplicate,.st-ignored{background:#fdf0c8;color:#6b4e00}
 .stacks{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0}
 figure.stack{width:360px;border:1px solid #dde2e8;border-radius:4px;padding:8px;background:#fafbfc}

@@ -15,6 +15,7 @@ from astropy.io import fits
 from astropy.stats import mad_std
 from conftest import reduce_night
 from nightshift.daemon.archive import Archive
+from nightshift.daemon.report import write_report
 from nightshift.service.classify import UNTYPED_NOTE
 from nightshift.service.filters import tidy
 from nightshift.service.fitsio import read_image, read_mask
@@ -146,6 +147,9 @@ def test_a_night_without_type_keywords_and_with_offset_dates_is_calibrated_and_s
     assert archive.query("SELECT n_frames FROM stacks")[0]["n_frames"] >= 2
     focus = rows["focus_0001.fit"]
     assert focus["status"] == "ignored" and "a focus frame" in focus["reason"] and focus["kind"] == "other"
+    # the night's report lists the frame set aside, with its reason
+    page = write_report(archive, focus["night"]).read_text()
+    assert "focus_0001.fit" in page and "set aside" in page
     archive.close()
 
 

@@ -5,6 +5,7 @@ earlier nights, rebuilt masters, duplicates and hostile header values."""
 from __future__ import annotations
 
 import shutil
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +296,19 @@ def test_night_ends_at_local_noon(tmp_path: Path) -> None:
     assert west.night_end_utc("2026-11-25").isoformat() == "2026-11-26T16:42:00"
     utc = Pipeline(make_config(tmp_path, tmp_path / "a"), archive)
     assert utc.night_end_utc("2026-11-25").isoformat() == "2026-11-26T12:00:00"
+    archive.close()
+
+
+def test_night_ends_at_the_local_noon_of_the_longitude_the_headers_state(tmp_path: Path) -> None:
+    """No site in the config: the night's frames state LONGITUD (as they found their night), so it ends at that
+    meridian's noon, not UTC noon (which would be 04:30 local, before dawn, at 112.5 W)."""
+    camera = tmp_path / "camera"
+    simulate_night(camera, SimConfig(size=64, n_bias=3, n_dark=0, n_flat=0, n_light=0, longitude=-112.5))
+    archive = reduce_night(camera, tmp_path / "a")
+    pipe = Pipeline(make_config(camera, tmp_path / "a"), archive)
+    night = archive.scalar("SELECT night FROM frames LIMIT 1")
+    noon_local = datetime.combine(date.fromisoformat(night) + timedelta(days=1), datetime.min.time()).replace(hour=12)
+    assert pipe.night_end_utc(night) == noon_local + timedelta(hours=7.5)
     archive.close()
 
 
