@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import math
 import os
 import re
@@ -48,7 +49,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ __all__ = [
     "READ_NOISE",
     "SATURATION",
     "TIME_CONVENTIONS",
+    "TRUTH_FILE",
     "NightPlan",
     "SimConfig",
     "SimFrame",
@@ -128,6 +130,8 @@ BROKEN_FILES: dict[str, str] = {
     "nan": "nan_data",
 }
 HOSTILE_NAME = "odd/hostile.fits"
+#: The truth file :func:`simulate_night` writes beside the night's files.
+TRUTH_FILE = "truth.json"
 HOSTILE_OBJECT = "../../etc/passwd"
 HOSTILE_FILTER = "B/V"
 
@@ -170,7 +174,9 @@ _SKY_RATE = {"U": 0.2, "B": 0.4, "V": 0.9, "R": 1.3, "I": 1.6, "L": 3.0, "HA": 0
 _KNOWN_COORDS = {"NGC 6939": (307.875, 60.65), "M 31": (10.6847, 41.2690), "M 42": (83.8221, -5.3911)}
 
 # Random streams: every random thing comes from default_rng([seed, stream, ...]) so it is reproducible alone.
-_S_PLAN, _S_BIAS, _S_DARK, _S_RESP, _S_DUST, _S_STARS, _S_NOISE, _S_COSMIC = range(8)
+_S_PLAN, _S_BIAS, _S_DARK, _S_RESP, _S_DUST, _S_STARS, _S_NOISE, _S_COSMIC, _S_TRAIL = range(9)
+#: Length range (pixels) of the drift that trails a ``trailed`` light: a real tracking failure, far beyond seeing.
+_TRAIL_LENGTH = (9.0, 14.0)
 
 _BETA = 3.5  # Moffat PSF
 _STAMP_RADII = (7, 15, 31, 63)
@@ -182,13 +188,17 @@ _READOUT_S = 3.0
 class SimConfig:
     """What night to simulate. Counts are per group; sizes in pixels; times in seconds.
 
-    ``order``: "natural" (bias, darks, flats, lights), "lights-first" (lights, flats, darks, bias) or
-    "shuffled" (times of a natural night, written in random order). ``dialect``: one of :data:`DIALECTS` or
-    "mixed" (cycles through them; broken files always use N.I.N.A.'s words). ``cloudy`` lights go into the
-    largest light group. ``stars`` is the density of the star field per 512 x 512 pixels; ``cosmic_rays``
-    hits per megapixel per 100 s of exposure (0 for none); ``exact_poisson`` draws true Poisson shot noise
-    instead of its Gaussian approximation (slower). ``extension`` overrides each dialect's own file
-    extension (".fit" for MaxIm, SGP, ASIAIR; ".fits" else).
+    ``order``: "natural" (bias, darks, flats, lights), "lights-first" (lights, flats, darks, bias) or "shuffled"
+    (times of a natural night, written in random order). ``dialect``: one of :data:`DIALECTS` or "mixed" (cycles
+    through them; broken files always use N.I.N.A.'s words). ``cloudy`` lights go into the largest light group;
+    ``trailed`` lights (the mount drifted during the exposure: every star a streak of 9-14 px) into the largest
+    other group, its last frames. ``max_offset`` (pixels) and ``max_rotation`` (degrees) bound each light's pointing
+    offset and field rotation. ``stars`` is the density of the star field per 512 x 512 pixels (stars brighter than
+    8 ADU/s through V); ``faintest`` (ADU/s through V, below 8) extends the field to fainter stars, as many more as
+    the real sky's counts give, so long exposures reach deeper than short ones. ``cosmic_rays`` hits per megapixel
+    per 100 s of exposure (0 for none); ``exact_poisson`` draws true Poisson shot noise instead of its Gaussian
+    approximation (slower). ``extension`` overrides each dialect's own file extension (".fit" for MaxIm, SGP,
+    ASIAIR; ".fits" else).
     """
 
     size: int = 512
@@ -204,6 +214,7 @@ class SimConfig:
     order: str = "natural"
     dialect: str = "mixed"
     cloudy: int = 1
+    trailed: int = 0
     meridian_flip: bool = True
     broken: bool = False
     set_temp: float = -10.0
@@ -214,6 +225,7 @@ class SimConfig:
     width: int | None = None
     height: int | None = None
     stars: float = 300.0
+    faintest: float = 8.0
     max_offset: float = 4.0
     max_rotation: float = 0.3
     cosmic_rays: float = 20.0
@@ -265,7 +277,9 @@ class SimFrame:
     ``date_obs`` is naive UTC, exactly as written in the header (truncated to the dialect's precision).
     ``level`` is the flat's illumination or the light's mean sky (ADU); ``sky_gradient`` the sky's slope in
     ADU per pixel along x and y; ``rotation`` degrees; ``transparency`` scales star fluxes (about 0.2 when
-    cloudy). ``broken`` is the FrameError reason nightshift must give for a deliberately broken file.
+    cloudy). ``trail`` is the drift (x, y pixels) of the field during a trailed exposure, centred on the frame's
+    pointing (its stars' centroids stay where :meth:`NightPlan.transform` puts them). ``broken`` is the
+    FrameError reason nightshift must give for a deliberately broken file.
     """
 
     name: str
@@ -286,6 +300,12 @@ class SimFrame:
     level: float = 0.0
     sky_gradient: tuple[float, float] = (0.0, 0.0)
     ccd_temp: float = 0.0
+    trail: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def trailed(self) -> bool:
+        """True when the field drifted during the exposure (stars are streaks)."""
+        return bool(self.trail[0] or self.trail[1])
 
 
 def _key(text: str) -> int:
@@ -492,10 +512,11 @@ class NightPlan:
             rng = self._rng(_S_STARS, _key(obj))
             margin = c.max_offset + math.radians(max(c.max_rotation, 0.0)) * max(h, w) + 8.0
             area = (w + 2 * margin) * (h + 2 * margin)
-            n = int(rng.poisson(c.stars * area / 512.0**2))
+            faintest = min(c.faintest, _F_MIN)
+            n = int(rng.poisson(c.stars * area / 512.0**2 * (_F_MIN / faintest) ** _F_SLOPE))
             x = rng.uniform(-margin, w - 1 + margin, n)
             y = rng.uniform(-margin, h - 1 + margin, n)
-            flux = np.minimum(_F_MIN * (1.0 - rng.random(n)) ** (-1.0 / _F_SLOPE), _F_MAX)
+            flux = np.minimum(faintest * (1.0 - rng.random(n)) ** (-1.0 / _F_SLOPE), _F_MAX)
             colour = rng.uniform(0.2, 1.4, n)
             order = np.argsort(-flux, kind="stable")
             cat = {"x": x[order], "y": y[order], "flux_v": flux[order], "colour": colour[order]}
@@ -558,8 +579,12 @@ class NightPlan:
         sig = np.float32(frame.level) + np.float32(gx) * x + np.float32(gy) * y
         sig = np.ascontiguousarray(np.broadcast_to(sig, (h, w)), dtype=np.float32)
         pos = self.star_positions(frame)
-        _add_stars(sig, pos[:, 0], pos[:, 1], self.star_fluxes(frame), frame.fwhm)
-        return sig
+        if not frame.trailed:
+            _add_stars(sig, pos[:, 0], pos[:, 1], self.star_fluxes(frame), frame.fwhm)
+            return sig
+        stars = np.zeros((h, w), dtype=np.float32)
+        _add_stars(stars, pos[:, 0], pos[:, 1], self.star_fluxes(frame), frame.fwhm)
+        return sig + _smear(stars, frame.trail)
 
     # -- frames ----------------------------------------------------------------------------------------------
     def render(self, frame: SimFrame) -> tuple[np.ndarray, fits.Header]:
@@ -696,6 +721,44 @@ class NightPlan:
             return _fits_bytes(np.full((h, w), np.nan, dtype=np.float32), hdr)
         raise ValueError(f"unknown broken file {frame.name!r}")
 
+    def truth(self) -> dict[str, Any]:
+        """What every file of the night truly is, JSON-able: what :func:`simulate_night` writes to ``truth.json``.
+
+        ``frames`` maps each file's name (relative to the camera folder) to its kind, settings and flags
+        (``cloudy``, ``trailed``, ``flipped``, ``broken``) and, for a light, ``transform``: the 3x3 matrix taking
+        (x, y, 1) of the object's reference pointing to the frame's pixels (0-based, pixel centres on integers).
+        The transform taking frame A's pixels onto frame B's is ``T_B @ inv(T_A)``.
+        """
+        frames: dict[str, Any] = {}
+        for f in self.frames:
+            entry: dict[str, Any] = {
+                "kind": f.kind,
+                "exptime": f.exptime,
+                "filter": f.filter,
+                "object": f.object,
+                "date_obs": f.date_obs.isoformat(),
+                "dialect": f.dialect,
+                "broken": f.broken,
+            }
+            if f.kind == "light" and f.broken is None:
+                entry.update(
+                    cloudy=f.cloudy,
+                    trailed=f.trailed,
+                    flipped=f.flipped,
+                    good=not (f.cloudy or f.trailed) and f.name != HOSTILE_NAME,
+                    offset=list(f.offset),
+                    rotation_deg=f.rotation,
+                    trail=list(f.trail),
+                    fwhm=f.fwhm,
+                    transparency=f.transparency,
+                    sky=f.level,
+                    transform=self.transform(f).tolist(),
+                )
+            frames[f.name] = entry
+        h, w = self.shape
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
+        return {"shape": [h, w], "saturation": SATURATION, "config": config, "frames": frames}
+
     def counts(self) -> dict[str, int]:
         """Frames per true kind among the sound files (the hostile one is a light), plus "broken"."""
         out = {"bias": 0, "dark": 0, "flat": 0, "light": 0, "broken": 0}
@@ -739,6 +802,26 @@ def _add_stars(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, fluxes: np.ndarr
             else:
                 keep = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
                 np.add.at(flat, (ty * w + tx)[keep], vals[keep])
+
+
+def _smear(img: np.ndarray, trail: tuple[float, float]) -> np.ndarray:
+    """``img`` moved uniformly along ``trail`` (x, y pixels) during the exposure, centred: a motion blur."""
+    import cv2
+
+    dx, dy = trail
+    n = max(2, math.ceil(math.hypot(dx, dy) * 4) + 1)
+    half = math.ceil(max(abs(dx), abs(dy)) / 2) + 2
+    kernel = np.zeros((2 * half + 1, 2 * half + 1), dtype=np.float64)
+    for u in np.linspace(-0.5, 0.5, n):  # sub-pixel steps spread bilinearly: the streak's centroid stays put
+        x, y = half + u * dx, half + u * dy
+        x0, y0 = math.floor(x), math.floor(y)
+        fx, fy = x - x0, y - y0
+        kernel[y0, x0] += (1 - fx) * (1 - fy)
+        kernel[y0, x0 + 1] += fx * (1 - fy)
+        kernel[y0 + 1, x0] += (1 - fx) * fy
+        kernel[y0 + 1, x0 + 1] += fx * fy
+    kernel /= kernel.sum()
+    return cv2.filter2D(img, -1, kernel.astype(np.float32), borderType=cv2.BORDER_CONSTANT)
 
 
 def _add_cosmic_rays(img: np.ndarray, rng: np.random.Generator, mean_hits: float) -> None:
@@ -1063,6 +1146,14 @@ def plan_night(config: SimConfig) -> NightPlan:
         picks = list(range(1, len(members))) or [0]
         for i in picks[: c.cloudy]:
             members[i]["cloudy"] = True
+    if groups and c.trailed > 0:
+        trail_rng = np.random.default_rng([c.seed, _S_TRAIL])  # its own stream: other frames stay as they were
+        others = [k for k in groups if not any(s.get("cloudy") for s in groups[k])] or list(groups)
+        key = max(others, key=lambda k: (len(groups[k]), k[2]))
+        clear = [s for s in groups[key] if not s.get("cloudy")]
+        for s in clear[::-1][: c.trailed]:
+            length, angle = trail_rng.uniform(*_TRAIL_LENGTH), trail_rng.uniform(0, 2 * math.pi)
+            s["trail"] = (float(length * math.cos(angle)), float(length * math.sin(angle)))
     for s in lights:
         s["rotation"] = float(rng.uniform(-c.max_rotation, c.max_rotation))
         s["offset"] = (
@@ -1146,6 +1237,7 @@ def plan_night(config: SimConfig) -> NightPlan:
                 level=s.get("level", 0.0),
                 sky_gradient=s.get("sky_gradient", (0.0, 0.0)),
                 ccd_temp=s["ccd_temp"],
+                trail=s.get("trail", (0.0, 0.0)),
             )
         )
         if "broken" in s:
@@ -1236,6 +1328,7 @@ def simulate_night(
     *,
     interval: float = 0.0,
     on_written: Callable[[SimFrame, Path], None] | None = None,
+    truth: bool = True,
     **write_options: Any,
 ) -> NightPlan:
     """Plan a night and write all its frames under ``out`` in plan order.
@@ -1250,6 +1343,9 @@ def simulate_night(
         Seconds to wait between files, for a demo that looks like a night going by.
     on_written
         Called with each frame and its final path once it is written (progress for a command line).
+    truth
+        Write :meth:`NightPlan.truth` to ``out/truth.json`` first (not a FITS file: a watcher leaves it alone),
+        so an independent checker can score a reduction of the night.
     **write_options
         Passed to :func:`write_frame`: ``slow``, ``chunk_bytes``, ``chunk_delay``, ``rename``.
 
@@ -1261,6 +1357,8 @@ def simulate_night(
     plan = plan_night(config or SimConfig())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if truth:
+        (out / TRUTH_FILE).write_text(json.dumps(plan.truth(), indent=1))
     for i, frame in enumerate(plan.frames):
         if i and interval > 0:
             time.sleep(interval)
