@@ -17,6 +17,7 @@ from astropy.io import fits
 from nightshift.service import readout
 from nightshift.service.frame import FrameError, Image
 from nightshift.service.provenance import add_history, logged
+from nightshift.service.saturation import calibrated_level, raw_level
 
 __all__ = [
     "MIN_FLAT",
@@ -329,7 +330,11 @@ def calibrate(
         ``"auto"`` (default): the header's TRIMSEC, else DATASEC; ``"off"`` or None; a section; or a keyword
         name. WCS CRPIX is shifted to match.
     saturation : float, optional
-        Raw values at or above it are flagged in the output mask. None: no check.
+        The raw saturation level when the light's header does not state one (``SATURATE``, ``DATAMAX``) and its
+        data type does not imply one (65535 for unsigned 16-bit): see
+        :func:`nightshift.service.saturation.raw_level`. Raw values at or above the level are flagged in the
+        output mask and in ``saturated``; the header's SATURATE becomes the calibrated equivalent. None with no
+        level in the header or data type: no check.
     cosmic_rays : bool
         Clean cosmic rays with ``ccdproc.cosmicray_lacosmic`` (gain from EGAIN, else 1) and flag them.
     provenance : sequence of str
@@ -339,7 +344,8 @@ def calibrate(
     -------
     Image
         float32 calibrated pixels, the light's header with CALSTAT ('B', 'D', 'F' for the steps done),
-        DARKSCAL, HISTORY of each step, and a bool mask (True = saturated, masked or flat unusable).
+        DARKSCAL, SATURATE (the calibrated level at which pixels saturate), HISTORY of each step, a bool mask
+        (True = saturated, masked or flat unusable) and ``saturated`` (True = the raw pixel reached saturation).
 
     Raises
     ------
@@ -362,8 +368,11 @@ def calibrate(
     calstat = ""
 
     flags = np.zeros(raw_shape, dtype=bool)
+    saturation = raw_level(light.header, saturation)
+    saturated = None
     if saturation is not None:
         np.greater_equal(light.data, saturation, out=flags)
+        saturated = flags.copy()
         if flags.any():
             steps.append(f"{int(flags.sum())} pixels at or above saturation {saturation:g} flagged")
     work, plan, done = _apply_readout(light, overscan, trim, bias, header)
@@ -372,6 +381,8 @@ def calibrate(
     region = plan.trim_region
     if region is not None:
         flags = np.ascontiguousarray(flags[region])
+        saturated = np.ascontiguousarray(saturated[region]) if saturated is not None else None
+    raw_view = light.data[region] if region is not None else light.data
 
     if bias is not None:
         work -= _view(bias.data, raw_shape, region, "master bias")
@@ -386,8 +397,12 @@ def calibrate(
         calstat += "D"
         header["DARKSCAL"] = (float(dark_factor), "factor the master dark was multiplied by")
         steps.append(f"dark subtracted x{dark_factor:.6g} ({_summary(dark)})")
+    sample = (slice(None, None, max(1, min(work.shape) // 256)),) * 2
+    offset_sample = raw_view[sample] - work[sample]  # what bias, dark and overscan took away
+    flat_sample = None
     if flat is not None:
         flat_view = _view(flat.data, raw_shape, region, "master flat")
+        flat_sample = flat_view[sample]
         usable = flat_view > MIN_FLAT  # False for NaN too
         np.divide(work, flat_view, out=work, where=usable)
         unusable = np.logical_not(usable, out=usable)
@@ -405,10 +420,20 @@ def calibrate(
         flags |= hits
         steps.append(note)
 
+    if saturation is not None:
+        header["SATURATE"] = (
+            round(calibrated_level(saturation, offset_sample, flat_sample), 1),
+            f"[ADU] calibrated level where pixels saturate (raw {saturation:g})",
+        )
     if calstat:
         header["CALSTAT"] = (calstat, "calibration applied: B bias, D dark, F flat")
     for line in provenance:
         add_history(header, "NSMASTER", line)
     for line in steps:
         add_history(header, "NSSTEP", line)
-    return Image(data=np.ascontiguousarray(work), header=header, mask=np.ascontiguousarray(flags))
+    return Image(
+        data=np.ascontiguousarray(work),
+        header=header,
+        mask=np.ascontiguousarray(flags),
+        saturated=np.ascontiguousarray(saturated) if saturated is not None else None,
+    )

@@ -32,12 +32,15 @@ from nightshift.service.xisfio import is_xisf, read_xisf, read_xisf_header, scan
 
 __all__ = [
     "BLOCK",
+    "MASK_BAD",
+    "MASK_SATURATED",
     "FrameSource",
     "HduInfo",
     "check_complete",
     "find_image_hdu",
     "header_from_bytes",
     "open_frame",
+    "read_flags",
     "read_frame_header",
     "read_header",
     "read_image",
@@ -51,6 +54,9 @@ __all__ = [
 
 #: FITS logical record size: headers and data are padded to multiples of it.
 BLOCK = 2880
+#: Bits of the MASK extension: the pixel has no usable value; the pixel reached the camera's saturation.
+MASK_BAD = 1
+MASK_SATURATED = 2
 _CARD = 80
 #: A header longer than this (2.9 MB of cards) is not a camera's header: refuse rather than read a whole file.
 _MAX_HEADER_BLOCKS = 1000
@@ -630,14 +636,22 @@ def write_fits_atomic(path: Path, image: Image, *, extra_hdus: list | None = Non
         written, fsynced and renamed over ``path``; the folder is fsynced.
     image : Image
         Pixels go to the primary HDU as float32 under ``image.header`` (its BZERO/BSCALE/BLANK, structural
-        and checksum keywords dropped); ``image.mask``, if any, to an ImageHDU named MASK (uint8, 1 = bad).
+        and checksum keywords dropped); ``image.mask`` and ``image.saturated``, if any, to an ImageHDU named
+        MASK (uint8 bits: :data:`MASK_BAD` = 1 bad, :data:`MASK_SATURATED` = 2 saturated).
     extra_hdus : list, optional
         More astropy HDUs appended after MASK.
     """
     data = np.asarray(image.data, dtype=np.float32)
     hdus: list = [fits.PrimaryHDU(data=data, header=_clean_header(image.header))]
-    if image.mask is not None:
-        hdus.append(fits.ImageHDU(data=np.asarray(image.mask, dtype=np.uint8), name="MASK"))
+    if image.mask is not None or image.saturated is not None:
+        flags = np.zeros(data.shape, dtype=np.uint8)
+        if image.mask is not None:
+            flags[np.asarray(image.mask, dtype=bool)] = MASK_BAD
+        if image.saturated is not None:
+            flags[np.asarray(image.saturated, dtype=bool)] |= MASK_SATURATED
+        hdu = fits.ImageHDU(data=flags, name="MASK")
+        hdu.header["MASKBITS"] = ("1 bad, 2 saturated", "meaning of the bits of each pixel")
+        hdus.append(hdu)
     hdus.extend(extra_hdus or [])
     hdul = fits.HDUList(hdus)
 
@@ -655,8 +669,19 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def read_mask(path: Path) -> np.ndarray | None:
-    """The MASK extension of a file written by :func:`write_fits_atomic` as bool (True = bad), or None."""
-    path = Path(path)
+    """The bad pixels of a file written by :func:`write_fits_atomic` as bool (True = bad), or None."""
+    return read_flags(path)[0]
+
+
+def read_flags(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The bad and the saturated pixels (bool arrays) of a file's MASK extension; (None, None) without one."""
+    flags = _read_mask_hdu(Path(path))
+    if flags is None:
+        return None, None
+    return (flags & MASK_BAD) != 0, (flags & MASK_SATURATED) != 0
+
+
+def _read_mask_hdu(path: Path) -> np.ndarray | None:
     scan_hdus(path)
     try:
         with warnings.catch_warnings():
@@ -664,7 +689,7 @@ def read_mask(path: Path) -> np.ndarray | None:
             with fits.open(path, memmap=False) as hdul:
                 for hdu in hdul[1:]:
                     if hdu.name == "MASK" and hdu.data is not None:
-                        return np.asarray(hdu.data) != 0
+                        return np.asarray(hdu.data, dtype=np.uint8)
     except OSError as exc:
         raise _unreadable(path, exc) from exc
     return None

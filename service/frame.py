@@ -97,14 +97,22 @@ class FrameMeta:
 
 @dataclass
 class Image:
-    """A frame in memory: float32 pixels, its header, and a bad-pixel mask (True = bad) or None."""
+    """A frame in memory: float32 pixels, its header, a bad-pixel mask (True = bad) or None, and which pixels
+    reached the camera's saturation (True = saturated) or None.
+
+    In a calibrated light a saturated pixel is also bad (its value is only a lower bound); in a stack a pixel
+    saturated in every frame holds the saturation level, flagged saturated but not bad.
+    """
 
     data: np.ndarray
     header: fits.Header
     mask: np.ndarray | None = None
+    saturated: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 2:
             raise ValueError(f"an Image is 2-D, got shape {self.data.shape}")
-        if self.mask is not None and self.mask.shape != self.data.shape:
-            raise ValueError(f"mask shape {self.mask.shape} differs from data shape {self.data.shape}")
+        for name in ("mask", "saturated"):
+            flags = getattr(self, name)
+            if flags is not None and flags.shape != self.data.shape:
+                raise ValueError(f"{name} shape {flags.shape} differs from data shape {self.data.shape}")
