@@ -14,15 +14,22 @@ from typing import Any
 
 import numpy as np
 from nightshift.service.frame import Image
-from nightshift.service.stars import StarList, detect_stars
+from nightshift.service.register import AlignError, find_transform
+from nightshift.service.saturation import header_level
+from nightshift.service.stars import EDGE, MASKED, SATURATED, SNR_FLOOR, StarList, detect_stars
 from scipy.spatial import cKDTree
 
 __all__ = ["Grade", "RejectRules", "grade_frame", "grade_from_stars", "judge", "quality_score", "transparency"]
 
-#: Grade.flux sums the fluxes of this many of the brightest stars.
+#: Grade.flux sums the fluxes of this many of the brightest measurable stars.
 N_FLUX_STARS = 20
-#: Stars used for the median FWHM and elongation (the brightest; faint ones measure noise).
+#: Measurable stars (unsaturated, unmasked, isolated, above the SNR floor) used for the median FWHM and
+#: elongation: the brightest of them.
 _N_SHAPE_STARS = 200
+#: With fewer measurable stars than this the shape is taken from what there is, and the grade says so.
+MIN_SHAPE_STARS = 5
+#: Flags that make a star's flux useless for comparing frames (it is clipped, or some of it is missing).
+_FLUX_FLAGS = SATURATED | MASKED | EDGE
 #: Matching radius (pixels) between a frame's stars, mapped into the reference, and the reference's stars.
 _MATCH_RADIUS = 3.0
 
@@ -31,9 +38,11 @@ _MATCH_RADIUS = 3.0
 class Grade:
     """What a frame looks like: sky, star count, sharpness, roundness, and brightness of its stars.
 
-    ``fwhm`` (pixels) and ``elongation`` are medians over the brightest stars (NaN without stars); ``flux`` is the
-    summed flux of the brightest :data:`N_FLUX_STARS` stars; ``exptime`` (seconds, from EXPTIME/EXPOSURE, or None)
-    lets :func:`transparency` compare frames of different exposure.
+    ``fwhm`` (pixels, half-flux diameter) and ``elongation`` are medians over the brightest measurable stars
+    (unsaturated, unmasked, isolated, above the signal-to-noise floor; NaN without stars); ``n_measured`` says
+    how many, and ``note`` says when there were too few and the shape comes from whatever stars there are.
+    ``flux`` is the summed flux of the brightest :data:`N_FLUX_STARS` unsaturated stars; ``exptime`` (seconds,
+    from EXPTIME/EXPOSURE, or None) lets :func:`transparency` compare frames of different exposure.
     """
 
     background: float
@@ -44,6 +53,8 @@ class Grade:
     flux: float
     stars: StarList
     exptime: float | None = None
+    n_measured: int = 0
+    note: str | None = None
 
     def row(self) -> dict[str, Any]:
         """Scalar columns for the archive (NaN becomes None)."""
@@ -77,7 +88,8 @@ def grade_frame(image: Image, *, threshold: float = 5.0, max_stars: int = 500) -
     Parameters
     ----------
     image : Image
-        Calibrated frame; masked and NaN pixels are left out. Not modified.
+        Calibrated frame; masked and NaN pixels are left out, saturated pixels (``image.saturated``) and the
+        header's SATURATE mark saturated stars. Not modified.
     threshold : float, default 5.0
         Star detection threshold in background RMS.
     max_stars : int, default 500
@@ -88,50 +100,89 @@ def grade_frame(image: Image, *, threshold: float = 5.0, max_stars: int = 500) -
     Grade
         With the star list, which the caller keeps and reuses for alignment.
     """
-    stars = detect_stars(image.data, mask=image.mask, threshold=threshold, max_stars=max_stars)
+    stars = detect_stars(
+        image.data,
+        mask=image.mask,
+        saturated=image.saturated,
+        saturation=header_level(image.header),
+        threshold=threshold,
+        max_stars=max_stars,
+    )
     return grade_from_stars(stars, exptime=_exptime(image.header))
 
 
 def grade_from_stars(stars: StarList, *, exptime: float | None = None) -> Grade:
-    """Build a :class:`Grade` from an already measured star list (for instance one read back from the archive)."""
-    n_shape = min(len(stars), _N_SHAPE_STARS)
-    if n_shape:
-        fwhm = float(np.nanmedian(stars.fwhm[:n_shape]))
-        elongation = float(np.nanmedian(stars.elongation[:n_shape]))
-    else:
-        fwhm = elongation = math.nan
+    """Build a :class:`Grade` from an already measured star list (for instance one read back from the archive).
+
+    The shape is the median over the brightest measurable stars. A frame with fewer than
+    :data:`MIN_SHAPE_STARS` of them (a sparse field, a short exposure) is graded on what it has: its
+    unsaturated stars, else all its stars; ``note`` says so.
+    """
+    measurable = np.flatnonzero(stars.measurable)[:_N_SHAPE_STARS]
+    note = None
+    use = measurable
+    if len(measurable) < MIN_SHAPE_STARS and len(stars):
+        unsaturated = np.flatnonzero((stars.flags & SATURATED) == 0)
+        use = unsaturated if len(unsaturated) >= min(MIN_SHAPE_STARS, len(stars)) else np.arange(len(stars))
+        use = use[:_N_SHAPE_STARS]
+        note = (
+            f"few measurable stars ({len(measurable)} unsaturated, isolated, SNR >= {SNR_FLOOR:g}): "
+            f"shape from {len(use)} stars"
+        )
+    shape_fwhm, shape_elongation = stars.fwhm[use], stars.elongation[use]
+    fwhm = float(np.nanmedian(shape_fwhm)) if np.isfinite(shape_fwhm).any() else math.nan
+    elongation = float(np.nanmedian(shape_elongation)) if np.isfinite(shape_elongation).any() else math.nan
     return Grade(
         background=stars.background,
         background_rms=stars.background_rms,
         n_stars=stars.n_detected,
         fwhm=fwhm,
         elongation=elongation,
-        flux=float(np.sum(stars.flux[:N_FLUX_STARS])),
+        flux=float(np.sum(_comparable(stars).flux[:N_FLUX_STARS])),
         stars=stars,
         exptime=exptime,
+        n_measured=len(use),
+        note=note,
     )
+
+
+def _comparable(stars: StarList) -> StarList:
+    """The stars whose flux can be compared between frames (none saturated, masked or cut by the edge)."""
+    return stars.select((stars.flags & _FLUX_FLAGS) == 0)
 
 
 def transparency(grade: Grade, reference: Grade, *, transform: Any = None) -> float:
     """Brightness of a frame's stars relative to the same stars in the reference frame (1.0 = as clear).
 
-    With ``transform`` (a :class:`service.register.Transform`, or a 3x3 matrix, mapping this frame's pixels onto
-    the reference's) stars are matched by position and the result is the median of their flux ratios. Without it,
-    the k-th brightest star of each frame are paired (k up to 20) and the median ratio is taken: good enough for
-    frames of the same field. Fluxes are compared per second when both exposure times are known.
+    Stars are matched by position through ``transform`` (a :class:`service.register.Transform`, or a 3x3 matrix,
+    mapping this frame's pixels onto the reference's; found with :func:`~nightshift.service.register.find_transform`
+    when not given) and the result is the median of their flux ratios, over the measurable stars (unsaturated,
+    isolated, bright: a faint star's aperture holds fainter neighbours' light that clouds do not dim alike). When
+    the frames share no star pattern (thick cloud), the k-th brightest unsaturated stars of each frame are paired
+    instead (k up to 20). Fluxes are compared per second when both exposure times are known.
 
     Returns 0.0 when the frame shows no star at all and NaN when the reference has none (nothing to compare).
     """
     src, ref = grade.stars, reference.stars
     if len(src) == 0 or len(ref) == 0:
         return 0.0 if len(src) == 0 and len(ref) > 0 else math.nan
+    ratios = np.empty(0)
+    if transform is None:
+        try:
+            transform = find_transform(src, ref)
+        except AlignError:
+            transform = None  # no common pattern (clouds, another field): compare by flux rank
     if transform is not None:
         matrix = np.asarray(getattr(transform, "matrix", transform), dtype=np.float64)
-        ratios = _matched_ratios(src, ref, matrix)
-    else:
-        ratios = np.empty(0)
+        ratios = _matched_ratios(src.select(src.measurable), ref.select(ref.measurable), matrix)
+        if len(ratios) < 3:
+            ratios = _matched_ratios(_comparable(src), _comparable(ref), matrix)
     if len(ratios) < 3:
+        # by flux rank: every unsaturated star counts (edge and mask flags differ between frames, ranks would not)
+        src, ref = (s.select((s.flags & SATURATED) == 0) for s in (src, ref))
         k = min(len(src), len(ref), N_FLUX_STARS)
+        if k == 0:
+            return math.nan
         ratios = src.flux[:k] / ref.flux[:k]
     value = float(np.median(ratios))
     if grade.exptime and reference.exptime:
@@ -159,7 +210,8 @@ def _matched_ratios(src: StarList, ref: StarList, matrix: np.ndarray) -> np.ndar
 class RejectRules:
     """Thresholds of :func:`judge`; the daemon's config passes them in.
 
-    min_stars : reject with fewer stars than this (cloudy, or nothing to align on).
+    min_stars : reject with fewer stars than this: nothing to align on (clouds, a closed dome). Small on purpose:
+        a sparse field is judged against its own group by ``min_star_fraction``, never by an absolute count.
     min_star_fraction : reject with fewer stars than this fraction of the group's best frame (cloudy).
     min_transparency : reject when stars are fainter than this fraction of the reference's (cloudy).
     max_fwhm_ratio : reject when the FWHM exceeds this multiple of the group median (out of focus, seeing).
@@ -167,7 +219,7 @@ class RejectRules:
     max_background_ratio : reject when the sky exceeds this multiple of the group median (twilight, moon, lights).
     """
 
-    min_stars: int = 10
+    min_stars: int = 3
     min_star_fraction: float = 0.3
     min_transparency: float = 0.5
     max_fwhm_ratio: float = 1.5
@@ -189,9 +241,10 @@ def judge(
     Group figures are for frames of the same object, filter and exposure; pass None for what is not known yet
     (the first frame of a group), and that rule is skipped.
 
-    The rules are tried in this order: transparency (cloudy), sky level (bright sky), star count (cloudy: below
-    the minimum, or against the best frame), elongation (trailed), FWHM (blurred). The word before the colon is
-    one of ``cloudy``, ``bright sky``, ``trailed``, ``blurred``: a bounded vocabulary for metrics.
+    The rules are tried in this order: transparency (cloudy), sky level (bright sky), too few stars to align on
+    (cloudy), elongation (trailed), star count against the group's best frame (cloudy), FWHM (blurred): a
+    trailed frame loses faint stars to its streaks and is called trailed, not cloudy. The word before the colon
+    is one of ``cloudy``, ``bright sky``, ``trailed``, ``blurred``: a bounded vocabulary for metrics.
 
     Returns
     -------
@@ -212,10 +265,10 @@ def judge(
         )
     if grade.n_stars < rules.min_stars:
         return f"cloudy: {grade.n_stars} stars < {rules.min_stars}"
-    if best_n_stars and grade.n_stars < rules.min_star_fraction * best_n_stars:
-        return f"cloudy: {grade.n_stars} stars < {rules.min_star_fraction:g} x best frame's {best_n_stars}"
     if math.isfinite(grade.elongation) and grade.elongation > rules.max_elongation:
         return f"trailed: elongation {grade.elongation:.2f} > {rules.max_elongation:g}"
+    if best_n_stars and grade.n_stars < rules.min_star_fraction * best_n_stars:
+        return f"cloudy: {grade.n_stars} stars < {rules.min_star_fraction:g} x best frame's {best_n_stars}"
     if (
         group_fwhm_median is not None
         and group_fwhm_median > 0
