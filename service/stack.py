@@ -1,9 +1,13 @@
 """Stack aligned frames: a live running mean that is always current, and a final outlier-rejecting combine.
 
-The live stack holds two arrays (a float32 sum and an int32 count per pixel), so memory does not grow with the
-number of frames and a restarted daemon resumes from a saved state. The final combine reads the aligned frames back
-from disk in bands of rows, sigma-clips every pixel's values along the frame axis (satellites, planes, cosmic
-rays) and averages what remains, within a memory budget.
+The live stack holds a float32 sum and an int32 count per pixel (plus one flag byte: did the pixel saturate in any
+frame), so memory does not grow with the number of frames and a restarted daemon resumes from a saved state. The
+final combine reads the aligned frames back from disk in bands of rows, sigma-clips every pixel's values along the
+frame axis (satellites, planes, cosmic rays) and averages what remains, within a memory budget.
+
+Stars stay whole: a pixel that saturated in a frame is no measurement there (its true value is at least the
+saturation level), so it is left out of the mean, and the stack holds at least the saturation level (the frames'
+SATURATE) wherever any frame saturated, flagged saturated in the MASK extension, never a hole.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from astropy.io import fits
 from astropy.stats import mad_std, sigma_clip
 from astropy.utils.exceptions import AstropyUserWarning
 from nightshift.service.combine import BAND_BYTES
+from nightshift.service.fitsio import MASK_BAD, MASK_SATURATED
 from nightshift.service.frame import Image
 
 __all__ = ["LiveStack", "final_combine"]
@@ -77,12 +82,18 @@ class LiveStack:
         Summed exposure (seconds) of the frames added.
     frames : list of str
         Names of the frames added, in order ("" where no name was known).
+    saturated : ndarray of bool
+        Pixels that saturated in at least one frame added.
+    saturation_levels : list of float
+        The SATURATE of each frame added that had one.
     """
 
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.sum = np.zeros(self.shape, dtype=np.float32)
         self.count = np.zeros(self.shape, dtype=np.int32)
+        self.saturated = np.zeros(self.shape, dtype=bool)
+        self.saturation_levels: list[float] = []
         self.n = 0
         self.exptime_total = 0.0
         self.frames: list[str] = []
@@ -100,6 +111,11 @@ class LiveStack:
             good &= ~image.mask
         np.add(self.sum, data, out=self.sum, where=good, casting="same_kind")
         self.count += good
+        if image.saturated is not None:
+            self.saturated |= image.saturated
+        level = _saturation(image.header)
+        if level is not None:
+            self.saturation_levels.append(level)
         self.n += 1
         self.exptime_total += _exptime(image.header) or 0.0
         self.frames.append(name or str(image.header.get("FILENAME", "")))
@@ -109,7 +125,8 @@ class LiveStack:
 
         The named frames are listed in HISTORY unless ``history`` is False (when the caller writes its own).
 
-        Pixels no frame covered are NaN and masked.
+        Pixels no frame covered are NaN and masked; pixels that saturated in a frame hold at least the saturation
+        level and are flagged in ``saturated``.
         """
         empty = self.count == 0
         mean = np.full(self.shape, np.nan, dtype=np.float32)
@@ -117,7 +134,8 @@ class LiveStack:
         out_header = _stack_header(
             header, n=self.n, exptotal=self.exptime_total, frames=self.frames, method="mean", history=history
         )
-        return Image(data=mean, header=out_header, mask=empty)
+        saturated = _fill_saturated(mean, empty, self.saturated, self.saturation_levels, out_header)
+        return Image(data=mean, header=out_header, mask=empty, saturated=saturated)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
         """Write the stack to ``path`` (npz), atomically, so a restarted daemon can resume it."""
@@ -129,6 +147,8 @@ class LiveStack:
                     f,
                     sum=self.sum,
                     count=self.count,
+                    saturated=self.saturated,
+                    saturation_levels=np.array(self.saturation_levels, dtype=np.float64),
                     n=np.int64(self.n),
                     exptime_total=np.float64(self.exptime_total),
                     frames=np.array(self.frames, dtype=str),
@@ -151,7 +171,36 @@ class LiveStack:
             stack.n = int(z["n"])
             stack.exptime_total = float(z["exptime_total"])
             stack.frames = [str(f) for f in z["frames"]]
+            if "saturated" in z:  # states saved before saturation was tracked have none
+                stack.saturated = z["saturated"].astype(bool, copy=False)
+                stack.saturation_levels = [float(v) for v in z["saturation_levels"]]
         return stack
+
+
+def _saturation(header: fits.Header) -> float | None:
+    value = header.get("SATURATE")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
+def _fill_saturated(
+    data: np.ndarray, empty: np.ndarray, saturated: np.ndarray, levels: Sequence[float], header: fits.Header
+) -> np.ndarray | None:
+    """Raise pixels that saturated in any frame to at least the frames' median saturation level, in place.
+
+    Those pixels are then no longer empty (``empty`` is cleared there); the level goes to the header's SATURATE.
+    Returns the saturated flags, or None when nothing saturated or no frame said its level.
+    """
+    if not levels or not saturated.any():
+        return None
+    level = np.float32(np.median(levels))
+    with np.errstate(invalid="ignore"):
+        low = saturated & ~(data >= level)  # NaN (no unsaturated value) compares False: raised too
+    data[low] = level
+    empty &= ~saturated
+    header["SATURATE"] = (round(float(level), 1), "[ADU] saturation level; pixels at it are flagged in MASK")
+    return saturated.copy()
 
 
 def _image_hdus(hdul: fits.HDUList) -> tuple[Any, Any]:
@@ -169,11 +218,14 @@ def _image_hdus(hdul: fits.HDUList) -> tuple[Any, Any]:
     return data_hdu, mask_hdu
 
 
-def _read_band(data_hdu: Any, mask_hdu: Any, rows: slice, out: np.ndarray) -> None:
-    """Read rows of a frame into ``out`` (float32), NaN where masked."""
+def _read_band(data_hdu: Any, mask_hdu: Any, rows: slice, out: np.ndarray, saturated: np.ndarray | None = None) -> None:
+    """Read rows of a frame into ``out`` (float32), NaN where masked; OR its saturated pixels into ``saturated``."""
     out[...] = data_hdu.section[rows, :]
     if mask_hdu is not None:
-        out[np.asarray(mask_hdu.section[rows, :]) != 0] = np.nan
+        flags = np.asarray(mask_hdu.section[rows, :])
+        out[(flags & MASK_BAD) != 0] = np.nan
+        if saturated is not None:
+            saturated |= (flags & MASK_SATURATED) != 0
 
 
 def _sky_stats(data_hdu: Any, mask_hdu: Any, n_rows: int) -> tuple[float, float]:
@@ -259,7 +311,8 @@ def final_combine(
     Returns
     -------
     Image
-        float32 mean; pixels with no good value are NaN and masked.
+        float32 mean; pixels with no good value are NaN and masked, except those that saturated in a frame:
+        they hold at least the frames' saturation level (SATURATE) and are flagged in ``saturated``.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -286,16 +339,19 @@ def final_combine(
         cube = np.empty((n, band, width), dtype=np.float32)
         result = np.empty(shape, dtype=np.float32)
         counts = np.empty(shape, dtype=np.int32)
+        saturated = np.zeros(shape, dtype=bool)
         for y0 in range(0, height, band):
             y1 = min(height, y0 + band)
             part = cube[:, : y1 - y0]
             for i, (data_hdu, mask_hdu, _) in enumerate(hdus):
-                _read_band(data_hdu, mask_hdu, slice(y0, y1), part[i])
+                _read_band(data_hdu, mask_hdu, slice(y0, y1), part[i], saturated[y0:y1])
                 if offsets[i]:
                     part[i] -= offsets[i]
             result[y0:y1], counts[y0:y1] = _clipped_mean(part, sigma, noise_floor)
 
         exptotal = sum(_exptime(h) or 0.0 for _, _, h in hdus)
+        # each frame's level, moved with its sky as the frame was
+        levels = [v - float(o) for (d, _, _), o in zip(hdus, offsets, strict=True) if (v := _saturation(d.header))]
     empty = counts == 0
     result[empty] = np.nan
     out_header = _stack_header(
@@ -306,4 +362,5 @@ def final_combine(
         method=f"sigma-clipped mean ({sigma:g} sigma)",
         history=history,
     )
-    return Image(data=result, header=out_header, mask=empty)
+    flags = _fill_saturated(result, empty, saturated, levels, out_header)
+    return Image(data=result, header=out_header, mask=empty, saturated=flags)
