@@ -192,6 +192,15 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m002_alignment(db: sqlite_utils.Database) -> None:
+    """How each light was aligned: stars matched, onto which reference, and the transform itself (JSON), so a
+    change of reference composes transforms instead of matching stars again."""
+    db["frames"].add_column("align_n", int)
+    db["frames"].add_column("align_ref_id", int)
+    db["frames"].add_column("align_transform", str)
+
+
+@migrations()
 def m003_observatory(db: sqlite_utils.Database) -> None:
     """Frames from observatories: where the time came from, the readout (overscan and region kept), and what
     reading the header decided; masters record their readout, which a light's must equal."""

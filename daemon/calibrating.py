@@ -94,7 +94,8 @@ def compute_light(job: LightJob) -> LightResult:
         )
         write_fits_atomic(job.calibrated, out)
     with result.timings.stage("preview"):
-        write_bytes_atomic(job.preview, side_by_side_png(raw.data, out.data, mask=out.mask))
+        shown = out.mask if out.saturated is None else out.mask & ~out.saturated  # a saturated core is no hole
+        write_bytes_atomic(job.preview, side_by_side_png(raw.data, out.data, mask=shown))
     return result
 
 

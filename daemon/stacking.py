@@ -1,16 +1,25 @@
 """After calibration: grade a light, judge it against its group, align it, and keep its stack current.
 
 One stack per (night, object, filter, exposure). All stacks of one (night, object, filter) share one alignment
-reference, the first good frame, so a night's stacks of a target land on the same pixel grid. Live, each accepted
-frame is added to a running mean on disk at once; when the group goes quiet (or the night ends) a sigma-clipped
-combine of every accepted frame, re-judged against the whole group, replaces it.
+reference, so a night's stacks of a target land on the same pixel grid: the first good frame, until a frame
+REBASE_FACTOR times better (more, sharper stars) takes over. Star matching works between deep and shallow
+frames, so either can be the reference. A change of reference moves every member through one composed transform
+(new reference <- old reference <- frame, from the stored transforms) and re-warps it from its calibrated file:
+no member is matched again, none is lost. Live, each accepted frame is added to a running mean on disk at once;
+when the group goes quiet (or the night ends) a sigma-clipped combine of every accepted frame, re-judged against
+the whole group, replaces it.
+
+Aligning is split like calibrating: :func:`compute_align` takes an :class:`AlignJob` of plain data (paths, star
+lists, a transform) and returns an :class:`AlignResult` (the transform as a dict), touching no database.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +27,23 @@ from astropy.io import fits
 from nightshift.daemon.archive import now_iso
 from nightshift.daemon.config import GradingConfig, StackingConfig
 from nightshift.daemon.products import product_shape
-from nightshift.daemon.workspace import Workspace
-from nightshift.service.fitsio import read_image, read_mask, write_bytes_atomic, write_fits_atomic
+from nightshift.daemon.workspace import Timings, Workspace
+from nightshift.service.fitsio import read_flags, read_image, write_bytes_atomic, write_fits_atomic
 from nightshift.service.frame import Image
 from nightshift.service.grade import Grade, grade_frame, judge, transparency
 from nightshift.service.preview import preview_png
-from nightshift.service.register import AlignError, apply_transform, find_transform
+from nightshift.service.register import (
+    AlignError,
+    Transform,
+    apply_transform,
+    compose,
+    find_transform,
+    wcs_transform,
+)
 from nightshift.service.stack import LiveStack, final_combine
 from nightshift.service.stars import StarList
 
-__all__ = ["Stacker"]
+__all__ = ["AlignJob", "AlignResult", "Stacker", "compute_align", "read_frame"]
 
 #: A live stack's picture is redrawn at most this often (the FITS file is rewritten with every frame).
 STACK_PREVIEW_SECONDS = 60.0
@@ -47,6 +63,66 @@ def _group_args(f: dict[str, Any]) -> list[Any]:
 def _score(row: dict[str, Any]) -> float:
     """How good a frame is as an alignment reference: many sharp stars."""
     return (row.get("n_stars") or 0) / max(row.get("fwhm") or 0.5, 0.5)
+
+
+def read_frame(path: Path) -> Image:
+    """A calibrated or aligned product with its bad and saturated pixels."""
+    img = read_image(path)
+    img.mask, img.saturated = read_flags(path)
+    return img
+
+
+@dataclass
+class AlignJob:
+    """Everything needed to align one calibrated light, as plain data.
+
+    With ``transform`` (a :meth:`Transform.to_dict`, frame -> reference) the frame is only warped: a change of
+    reference. Otherwise the transform is found from the star lists (:meth:`StarList.to_dict`), with the two
+    calibrated headers' celestial WCS, when both have one, as a first guess.
+    """
+
+    calibrated: Path
+    aligned: Path
+    shape: tuple[int, int]  # the reference's (rows, columns)
+    interpolation: str = "lanczos"
+    transform: dict[str, Any] | None = None
+    stars: dict[str, Any] | None = None
+    reference_stars: dict[str, Any] | None = None
+    reference_calibrated: Path | None = None
+
+
+@dataclass
+class AlignResult:
+    aligned: Path
+    transform: dict[str, Any]
+    timings: Timings = field(default_factory=Timings)
+
+
+def compute_align(job: AlignJob) -> AlignResult:
+    """Find the transform (unless given), warp the calibrated frame onto the reference's grid and write it.
+
+    Touches no database. Raises AlignError when the frame shares no star pattern with the reference.
+    """
+    timings = Timings()
+    with timings.stage("align"):
+        img = read_frame(job.calibrated)
+        if job.transform is not None:
+            transform = Transform.from_dict(job.transform)
+        else:
+            if job.stars is None or job.reference_stars is None:
+                raise AlignError("no star list to align with")
+            guess = None
+            if job.reference_calibrated is not None:
+                guess = wcs_transform(img.header, fits.getheader(job.reference_calibrated), img.data.shape)
+            transform = find_transform(
+                StarList.from_dict(job.stars), StarList.from_dict(job.reference_stars), guess=guess
+            )
+        if transform.method == "identity":
+            aligned = img  # the reference itself: its own pixels
+        else:
+            aligned = apply_transform(img, transform, job.shape, interpolation=job.interpolation)
+        write_fits_atomic(job.aligned, aligned)
+    return AlignResult(job.aligned, transform.to_dict(), timings)
 
 
 class Stacker:
@@ -81,22 +157,25 @@ class Stacker:
             flux=src["flux"],
             stars=StarList.from_dict(src["stars"]),
             exptime=row["exptime"],
+            n_measured=int(src.get("n_measured", 0)),
+            note=src.get("note"),
         )
 
-    def _ensure_graded(self, frame: dict[str, Any]) -> tuple[Image, Grade]:
-        path = self.layout.root / frame["calibrated_path"]
-        img = read_image(path)
-        img.mask = read_mask(path)
+    def _ensure_graded(self, frame: dict[str, Any]) -> Grade:
         if frame.get("n_stars") is not None:
             g = self._grade_of(frame)
             if g is not None:
-                return img, g
+                return g
         with self.metrics.stage("grade"):
+            img = read_frame(self.layout.root / frame["calibrated_path"])
             g = grade_frame(img, threshold=self.grading.detect_threshold)
-        self.archive.save_sources(frame["id"], {"stars": g.stars.to_dict(), "flux": g.flux})
+        sources = {"stars": g.stars.to_dict(), "flux": g.flux, "n_measured": g.n_measured, "note": g.note}
+        self.archive.save_sources(frame["id"], sources)
         self.archive.update_frame(frame["id"], **g.row())
         frame.update(g.row())
-        return img, g
+        if g.note:
+            self.archive.event("grade", "graded", g.note, frame_id=frame["id"])
+        return g
 
     def _judge(self, frame: dict[str, Any], grade: Grade, others: list[dict[str, Any]]) -> tuple[str | None, float]:
         """Judge ``frame`` against the graded frames of its group (``others`` may include itself)."""
@@ -126,22 +205,52 @@ class Stacker:
             [frame["night"], frame["object"], frame["filter"]],
         )
 
-    def _align(self, frame: dict[str, Any], img: Image, grade: Grade, ref: dict[str, Any]) -> tuple[Path, Any]:
-        """Align ``img`` onto ``ref``'s grid and write the aligned product; returns its path and the transform."""
-        with self.metrics.stage("align"):
-            if ref["id"] == frame["id"]:
-                aligned, transform = img, None
-            else:
-                ref_grade = self._grade_of(ref)
-                if ref_grade is None and ref.get("calibrated_path"):
-                    ref_grade = self._ensure_graded(ref)[1]
-                if ref_grade is None:
-                    raise AlignError("the reference frame has no star list")
-                transform = find_transform(grade.stars, ref_grade.stars)
-                aligned = apply_transform(img, transform, product_shape(ref))
-            path = self.layout.aligned(frame)
-            write_fits_atomic(path, aligned)
-        return path, transform
+    def _align(self, frame: dict[str, Any], grade: Grade, ref: dict[str, Any]) -> None:
+        """Align ``frame`` onto ``ref``'s grid (stars matched), write the product and record how."""
+        if ref["id"] == frame["id"]:
+            job = self._align_job(frame, ref, transform=Transform.identity())
+        else:
+            ref_grade = self._grade_of(ref)
+            if ref_grade is None and ref.get("calibrated_path"):
+                ref_grade = self._ensure_graded(ref)
+            if ref_grade is None:
+                raise AlignError("the reference frame has no star list")
+            job = self._align_job(frame, ref)
+            job.stars, job.reference_stars = grade.stars.to_dict(), ref_grade.stars.to_dict()
+        self._record_align(frame, ref, compute_align(job))
+
+    def _align_job(self, frame: dict[str, Any], ref: dict[str, Any], transform: Transform | None = None) -> AlignJob:
+        return AlignJob(
+            calibrated=self.layout.root / frame["calibrated_path"],
+            aligned=self.layout.aligned(frame),
+            shape=product_shape(ref),
+            interpolation=self.rules.interpolation,
+            transform=transform.to_dict() if transform is not None else None,
+            reference_calibrated=self.layout.root / ref["calibrated_path"],
+        )
+
+    def _record_align(self, frame: dict[str, Any], ref: dict[str, Any], result: AlignResult) -> None:
+        self.ws.observe(result.timings)
+        t = result.transform
+        self.archive.update_frame(
+            frame["id"],
+            aligned_path=self.layout.relative(result.aligned),
+            align_rms=t["rms"],
+            align_n=t["n_matches"],
+            align_ref_id=ref["id"],
+            align_transform=json.dumps(t),
+            rotation_deg=t["rotation_deg"],
+        )
+
+    def _stored_transform(self, frame: dict[str, Any], ref: dict[str, Any]) -> Transform:
+        """The transform ``frame`` was aligned with, onto ``ref`` (matched again only for rows aligned before
+        transforms were stored)."""
+        if frame["id"] == ref["id"]:
+            return Transform.identity()
+        if frame.get("align_transform") and frame.get("align_ref_id") == ref["id"]:
+            return Transform.from_dict(json.loads(frame["align_transform"]))
+        grade, ref_grade = self._ensure_graded(frame), self._ensure_graded(ref)
+        return find_transform(grade.stars, ref_grade.stars)
 
     def _stack_row(self, frame: dict[str, Any], reference_id: int) -> dict[str, Any]:
         row = self.archive.one(f"SELECT * FROM stacks WHERE {_STACK_GROUP}", _group_args(frame))
@@ -232,55 +341,60 @@ class Stacker:
             return live
         live = LiveStack(shape)
         for m in members:
-            path = self.layout.root / m["aligned_path"]
-            img = read_image(path)
-            img.mask = read_mask(path)
-            live.add(img)
+            live.add(read_frame(self.layout.root / m["aligned_path"]))
         self.live_stacks[stack["id"]] = live
         return live
 
-    def _rebase(self, frame: dict[str, Any], old: dict[str, Any]) -> None:
-        """Make ``frame`` the alignment reference of its (night, object, filter) and move the stacks onto it."""
+    def _rebase(self, frame: dict[str, Any], grade: Grade, old: dict[str, Any]) -> bool:
+        """Make ``frame`` the alignment reference of its (night, object, filter) and move the stacks onto it.
+
+        The new reference is matched once to the old one; every member then goes through one composed
+        transform (new <- old <- member) from its stored transform, re-warped from its calibrated file. Returns
+        False (nothing changed) when the new frame cannot be matched to the old reference.
+        """
+        old_grade = self._ensure_graded(old)
+        try:
+            to_old = find_transform(grade.stars, old_grade.stars)  # new reference -> old reference
+        except AlignError as exc:
+            log.warning("%s would be a better reference but does not match the current one: %s", frame["path"], exc)
+            return False
+        to_new = to_old.inverse()
         args = [frame["night"], frame["object"], frame["filter"]]
         where = "night = ? AND object IS ? AND filter IS ?"
-        self.archive.execute(f"UPDATE stacks SET reference_frame_id = ? WHERE {where}", [frame["id"], *args])
         log.info(
-            "%s is the new alignment reference of %s %s (%.1f vs %.1f stars per pixel of FWHM); re-aligning its stacks",
+            "%s is the new alignment reference of %s %s (%.1f vs %.1f stars per pixel of FWHM); moving its stacks",
             frame["path"],
             frame["object"],
             frame["filter"],
             _score(frame),
             _score(old),
         )
+        moved: dict[int, list[dict[str, Any]]] = {}
         for stack in self.archive.query(f"SELECT * FROM stacks WHERE {where}", args):
             self.live_stacks.pop(stack["id"], None)
-            kept = []
+            moved[stack["id"]] = []
             for m in self._members(stack["id"]):
-                img, g = self._ensure_graded(m)
-                try:
-                    path, transform = self._align(m, img, g, frame)
-                except AlignError as exc:
-                    self.archive.execute(
-                        "DELETE FROM stack_frames WHERE stack_id = ? AND frame_id = ?", [stack["id"], m["id"]]
-                    )
-                    self.archive.set_status(m["id"], "rejected", f"unaligned: {exc}", stack_id=None)
-                    continue
-                self.archive.update_frame(
-                    m["id"],
-                    aligned_path=self.layout.relative(path),
-                    align_rms=getattr(transform, "rms", 0.0),
-                    rotation_deg=getattr(transform, "rotation_deg", 0.0),
-                )
-                kept.append(self.archive.frame(m["id"]))
-            if kept:
-                live = self._live(stack, kept, product_shape(frame))
-                header = self._stack_header(stack, kept, final=False)
-                self._write_stack(stack, live.image(header, history=False), kept, final=False)
-            self.archive.event("align", "rebased", f"new reference frame {frame['id']}", stack_id=stack["id"])
+                composed = compose(to_new, self._stored_transform(m, old))
+                self._record_align(m, frame, compute_align(self._align_job(m, frame, composed)))
+                moved[stack["id"]].append(self.archive.frame(m["id"]))
+        self.archive.execute(f"UPDATE stacks SET reference_frame_id = ? WHERE {where}", [frame["id"], *args])
+        for stack in self.archive.query(f"SELECT * FROM stacks WHERE {where}", args):
+            members = moved[stack["id"]]
+            if members:
+                live = self._live(stack, members, product_shape(frame))
+                header = self._stack_header(stack, members, final=False)
+                self._write_stack(stack, live.image(header, history=False), members, final=False)
+            self.archive.event(
+                "align",
+                "rebased",
+                f"new reference frame {frame['id']}: {len(members)} member(s) moved through composed transforms",
+                stack_id=stack["id"],
+            )
+        return True
 
     def grade_and_stack(self, frame: dict[str, Any]) -> None:
         """Grade a calibrated light; reject it with a reason or align it and add it to its live stack."""
-        img, grade = self._ensure_graded(frame)
+        grade = self._ensure_graded(frame)
         others = self.archive.query(f"SELECT * FROM frames WHERE {_GROUP} AND n_stars IS NOT NULL", _group_args(frame))
         reason, transp = self._judge(frame, grade, others)
         self.archive.update_frame(frame["id"], transparency=transp)
@@ -291,13 +405,10 @@ class Stacker:
             log.info("rejected %s: %s", frame["path"], reason)
             return
         ref = self._reference(frame)
-        if ref is None:
-            ref = frame
-        elif _score(frame) > REBASE_FACTOR * _score(ref):
-            self._rebase(frame, ref)
+        if ref is None or (_score(frame) > REBASE_FACTOR * _score(ref) and self._rebase(frame, grade, ref)):
             ref = frame
         try:
-            aligned_path, transform = self._align(frame, img, grade, ref)
+            self._align(frame, grade, ref)
         except AlignError as exc:
             why = f"unaligned: {exc}"
             self.archive.set_status(frame["id"], "rejected", why)
@@ -306,21 +417,13 @@ class Stacker:
             log.warning("could not align %s: %s", frame["path"], exc)
             return
         self.metrics.frames_aligned.inc()
-        self.archive.update_frame(
-            frame["id"],
-            aligned_path=self.layout.relative(aligned_path),
-            align_rms=getattr(transform, "rms", 0.0),
-            rotation_deg=getattr(transform, "rotation_deg", 0.0),
-        )
         frame = self.archive.frame(frame["id"])
         stack = self._stack_row(frame, ref["id"])
         members = [m for m in self._members(stack["id"]) if m["id"] != frame["id"]]
         with self.metrics.stage("stack"):
             shape = product_shape(ref)
             live = self._live(stack, members, shape)
-            aligned = read_image(aligned_path)
-            aligned.mask = read_mask(aligned_path)
-            live.add(aligned)
+            live.add(read_frame(self.layout.root / frame["aligned_path"]))
             members.append(frame)
             header = self._stack_header(stack, members, final=False)
             self._write_stack(stack, live.image(header, history=False), members, final=False)
@@ -383,16 +486,12 @@ class Stacker:
                     )
                     log.info("rejected %s on the whole group: %s", f["path"], reason)
                 continue
-            if not f.get("aligned_path"):
-                img, _ = self._ensure_graded(f)
-                try:
-                    path, transform = self._align(f, img, grade, ref)
+            if not f.get("aligned_path") or (f.get("align_ref_id") not in (None, ref["id"])):
+                try:  # never aligned, or aligned onto an earlier reference while it was out of the stack
+                    self._align(f, grade, ref)
                 except AlignError as exc:
-                    self.archive.set_status(f["id"], "rejected", f"unaligned: {exc}")
+                    self.archive.set_status(f["id"], "rejected", f"unaligned: {exc}", stack_id=None)
                     continue
-                self.archive.update_frame(
-                    f["id"], aligned_path=self.layout.relative(path), align_rms=getattr(transform, "rms", 0.0)
-                )
                 f = self.archive.frame(f["id"])
             accepted.append(f)
         with self.metrics.stage("stack"):

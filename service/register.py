@@ -110,6 +110,11 @@ class Transform:
         """The reference's own transform."""
         return cls(np.eye(3), 0.0, 0, 0.0, "identity")
 
+    def inverse(self) -> Transform:
+        """The transform the other way (reference -> frame), as good as this one."""
+        matrix = np.linalg.inv(self.matrix)
+        return Transform(matrix, self.rms, self.n_matches, _rotation(matrix), self.method)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (for the archive); :meth:`from_dict` reads it back."""
         return {
