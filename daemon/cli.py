@@ -145,6 +145,12 @@ def _simulate_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--broken", action="store_true", help="also write one file of each broken kind")
     p.add_argument("--no-flip", action="store_true", help="no meridian flip")
+    p.add_argument("--cloudy", type=int, default=1, help="lights taken through cloud (in the largest group)")
+    p.add_argument("--trailed", type=int, default=0, help="lights whose stars trail (the mount drifted)")
+    p.add_argument("--stars", type=float, default=300.0, help="stars per 512 x 512 pixels (sparse fields: fewer)")
+    p.add_argument("--faintest", type=float, default=8.0, help="faintest stars, ADU/s through V (below 8: deeper)")
+    p.add_argument("--max-offset", type=float, default=4.0, help="pointing offset of a light, up to this many px")
+    p.add_argument("--max-rotation", type=float, default=0.3, help="field rotation of a light, up to this many deg")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--overscan",
@@ -193,6 +199,12 @@ def _sim_config(args: argparse.Namespace) -> Any:
         "dialect": args.dialect,
         "broken": args.broken,
         "meridian_flip": not args.no_flip,
+        "cloudy": args.cloudy,
+        "trailed": args.trailed,
+        "stars": args.stars,
+        "faintest": args.faintest,
+        "max_offset": args.max_offset,
+        "max_rotation": args.max_rotation,
         "seed": args.seed,
         "overscan": args.overscan,
         "prescan": args.overscan // 3,
