@@ -140,14 +140,14 @@ class Transform:
 def compose(outer: Transform, inner: Transform) -> Transform:
     """The transform applying ``inner`` then ``outer`` (frame -> old reference -> new reference).
 
-    Its ``rms`` adds the two in quadrature and ``n_matches`` is the smaller: a composed transform is as good as its
-    weaker half.
+    Its ``rms`` adds the two in quadrature and ``n_matches`` is the smaller (an identity does not count): a composed
+    transform is as good as its weaker half.
     """
     matrix = outer.matrix @ inner.matrix
     return Transform(
         matrix=matrix,
         rms=float(math.hypot(outer.rms, inner.rms)),
-        n_matches=min(outer.n_matches, inner.n_matches) if outer.n_matches and inner.n_matches else 0,
+        n_matches=min([t.n_matches for t in (outer, inner) if t.method != "identity"] or [0]),
         rotation_deg=_rotation(matrix),
         method="composed",
     )
