@@ -172,3 +172,34 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def calibrated_light(plan: NightPlan, frame: Any) -> Any:
+    """A simulated light as written (uint16 with BZERO, its capture program's header), calibrated by the real
+    ``calibrate`` with perfect masters: the simulator's true bias, dark current and flat response."""
+    import numpy as np
+    from astropy.io import fits
+    from nightshift.service.calibrate import calibrate
+    from nightshift.service.frame import Image
+
+    data, header = plan.render(frame)
+    stored = fits.PrimaryHDU(data=data, header=header).header  # BITPIX 16, BZERO 32768 as in the file
+    light = Image(data.astype(np.float32), stored)
+    bias = Image(np.array(plan.true_bias()), fits.Header({"IMAGETYP": "MASTER BIAS"}))
+    dark_header = fits.Header({"IMAGETYP": "MASTER DARK", "EXPTIME": frame.exptime, "BIASSUB": True})
+    dark = Image(plan.true_dark_rate() * np.float32(frame.exptime), dark_header)
+    flat = Image(
+        np.array(plan.true_response(frame.filter)), fits.Header({"IMAGETYP": "MASTER FLAT", "FILTER": frame.filter})
+    )
+    return calibrate(light, bias=bias, dark=dark, flat=flat)
+
+
+def corner_error(estimate: Any, truth: Any, shape: tuple[int, int]) -> float:
+    """Largest distance (px) between where two frame -> reference 3x3 transforms put the frame's four corners."""
+    import numpy as np
+
+    h, w = shape
+    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
+    a = corners @ np.asarray(estimate)[:2, :2].T + np.asarray(estimate)[:2, 2]
+    b = corners @ np.asarray(truth)[:2, :2].T + np.asarray(truth)[:2, 2]
+    return float(np.max(np.hypot(*(a - b).T)))

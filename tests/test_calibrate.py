@@ -295,3 +295,35 @@ def test_cosmic_ray_cleaning_is_optional(night, masters):
         assert abs(cleaned.data[y, x] - truth[y, x]) < 100
     assert cleaned.mask.mean() < 0.01
     assert any("cosmic rays" in t for _, t in read_history(cleaned.header, "NSSTEP"))
+
+
+def test_saturation_level_from_header_then_data_type_then_config():
+    from nightshift.service.saturation import raw_level
+
+    uint16 = fits.PrimaryHDU(np.zeros((4, 4), dtype=np.uint16)).header  # BITPIX 16, BZERO 32768 as written
+    assert raw_level(uint16, 1000.0) == 65535.0
+    assert raw_level(fits.PrimaryHDU(np.zeros((4, 4), dtype=np.int16)).header, 1000.0) == 32767.0
+    assert raw_level(fits.PrimaryHDU(np.zeros((4, 4), dtype=np.float32)).header, 1000.0) == 1000.0
+    stated = uint16.copy()
+    stated["DATAMAX"] = 60000
+    assert raw_level(stated, 1000.0) == 60000.0
+    stated["SATURATE"] = 50000.0
+    assert raw_level(stated, 1000.0) == 50000.0
+
+
+def test_saturated_pixels_flagged_and_the_calibrated_level_written():
+    header = fits.PrimaryHDU(np.zeros((8, 8), dtype=np.uint16)).header
+    raw = np.full((64, 64), 1000.0, dtype=np.float32)
+    raw[10:13, 20:23] = 65535.0
+    raw[40, 40] = 65534.0
+    flat = np.ones((64, 64), dtype=np.float32)
+    flat[:, 32:] = 0.8
+    out = calibrate(
+        Image(raw, header),
+        bias=Image(np.full((64, 64), 900.0, dtype=np.float32), fits.Header({"IMAGETYP": "MASTER BIAS"})),
+        flat=Image(flat, fits.Header({"IMAGETYP": "MASTER FLAT"})),
+        saturation=1e9,  # only a fallback: the uint16 header says 65535
+    )
+    assert out.saturated.sum() == 9 and out.saturated[10:13, 20:23].all() and not out.saturated[40, 40]
+    assert out.mask[out.saturated].all(), "a saturated pixel is no measurement"
+    assert out.header["SATURATE"] == pytest.approx(65535 - 900, abs=1)  # the lowest per-pixel level (flat 1)

@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from nightshift.service.frame import Image
-from nightshift.service.grade import Grade, RejectRules, grade_frame, judge, quality_score, transparency
+from nightshift.service.grade import (
+    MIN_SHAPE_STARS,
+    Grade,
+    RejectRules,
+    grade_frame,
+    judge,
+    quality_score,
+    transparency,
+)
 from nightshift.service.register import find_transform
 from nightshift.service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
-from nightshift.service.stars import StarList, detect_stars
+from nightshift.service.stars import SATURATED, StarList, detect_stars
 
 
 def _gaussian_field(
@@ -250,3 +258,74 @@ def test_grade_measures_the_simulated_sky(night):
     cloudy = next(g for f, g in zip(frames, grades, strict=True) if f.cloudy)
     assert cloudy.n_stars < 0.5 * min(g.n_stars for f, g in zip(frames, grades, strict=True) if not f.cloudy)
     assert cloudy.fwhm > max(sharp)  # the simulator blurs cloudy frames
+
+
+# -- the right stars: saturated long exposures, trailed frames, sparse fields (real calibration, perfect masters) --
+@pytest.fixture(scope="module")
+def mixed():
+    """30 s and 300 s V lights of one field (the 300 s ones saturate their brightest stars) and a trailed one."""
+    from conftest import calibrated_light
+
+    plan = plan_night(SimConfig(size=512, n_light=2, filters=("V",), light_exptimes=(30.0, 300.0), cloudy=0, trailed=1))
+    frames = plan.by_kind("light")
+    images = [calibrated_light(plan, f) for f in frames]
+    return plan, frames, images, [grade_frame(im) for im in images]
+
+
+def test_long_exposures_truly_saturate_and_their_stars_say_so(mixed):
+    plan, frames, images, grades = mixed
+    for frame, image, grade in zip(frames, images, grades, strict=True):
+        raw, _ = plan.render(frame)
+        clipped = raw == 65535
+        assert np.array_equal(image.saturated, clipped), "every raw pixel at 65535 is flagged, and only those"
+        assert image.header["SATURATE"] == pytest.approx(65535 - 949 - 0.07 * frame.exptime, rel=0.25)
+        flagged = (grade.stars.flags & SATURATED) != 0
+        if frame.exptime == 300.0:
+            assert clipped.sum() > 20 and flagged.sum() >= 3
+            # each saturated blob is one star, whole, at the true position of a catalogue star
+            xy = grade.stars.xy()[flagged]
+            true = plan.star_positions(frame)
+            assert np.max(np.min(np.hypot(*(xy[:, None, :] - true[None, :, :]).transpose(2, 0, 1)), axis=1)) < 0.5
+        assert not (grade.stars.measurable & flagged).any()
+
+
+def test_round_stars_are_never_called_trailed_and_trailed_ones_are(mixed):
+    _, frames, _, grades = mixed
+    for frame, grade in zip(frames, grades, strict=True):
+        if frame.trailed:
+            assert grade.elongation > 2.0
+            reason = judge(
+                grade,
+                transparency=1.0,
+                group_fwhm_median=None,
+                group_background_median=None,
+                best_n_stars=max(g.n_stars for g in grades),
+                rules=RejectRules(),
+            )
+            assert reason is not None and reason.startswith("trailed:")
+        else:
+            assert grade.elongation < 1.1, frame.name
+            assert grade.note is None and grade.n_measured >= MIN_SHAPE_STARS
+
+
+def test_a_sparse_field_is_graded_on_what_it_has_and_kept():
+    from conftest import calibrated_light
+
+    plan = plan_night(
+        SimConfig(size=192, n_light=3, filters=("B",), light_exptimes=(30.0,), cloudy=0, stars=150, seed=2)
+    )
+    grades = [grade_frame(calibrated_light(plan, f)) for f in plan.by_kind("light")]
+    assert all(3 <= g.n_stars <= 15 for g in grades), [g.n_stars for g in grades]
+    assert all(g.note and "few measurable stars" in g.note for g in grades if g.n_measured < MIN_SHAPE_STARS)
+    best = max(g.n_stars for g in grades)
+    for g in grades:
+        assert math.isfinite(g.fwhm)
+        reason = judge(
+            g,
+            transparency=1.0,
+            group_fwhm_median=float(np.median([x.fwhm for x in grades])),
+            group_background_median=float(np.median([x.background for x in grades])),
+            best_n_stars=best,
+            rules=RejectRules(),
+        )
+        assert reason is None, reason

@@ -14,19 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import reduce_night
+from conftest import corner_error, reduce_night
 from nightshift.service.fitsio import read_flags, read_image
 from nightshift.service.grade import grade_frame
 from nightshift.service.simulate import TRUTH_FILE, SimConfig, simulate_night
-
-
-def corner_error(estimate: np.ndarray, truth: np.ndarray, shape: tuple[int, int]) -> float:
-    """Largest distance (px) between where two frame -> reference transforms put the frame's four corners."""
-    h, w = shape
-    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
-    a = corners @ estimate[:2, :2].T + estimate[:2, 2]
-    b = corners @ truth[:2, :2].T + truth[:2, 2]
-    return float(np.max(np.hypot(*(a - b).T)))
 
 
 def scored_night(tmp_path: Path, config: SimConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from nightshift.service.frame import Image
+from nightshift.service.grade import grade_frame
 from nightshift.service.register import AlignError, Transform, apply_transform, find_transform
 from nightshift.service.simulate import GAIN, READ_NOISE, SimConfig, plan_night
 from nightshift.service.stars import StarList, detect_stars
@@ -149,3 +150,83 @@ def test_empty_sky_and_a_foreign_field_raise_align_error(night):
     with pytest.raises(AlignError) as info:
         find_transform(foreign, stars[0])
     assert info.value.reason
+
+
+# -- across depths, filters, flips, large offsets and rotations (real calibration, perfect masters) ---------------
+@pytest.fixture(scope="module")
+def hard():
+    """B and V, 30 s and 300 s, a flip in every group, offsets up to a third of the frame between two lights and
+    rotations up to 6 degrees between two lights."""
+    from conftest import calibrated_light
+
+    config = SimConfig(size=512, n_light=2, cloudy=0, max_offset=512 / 6, max_rotation=3.0, seed=11)
+    plan = plan_night(config)
+    frames = plan.by_kind("light")
+    images = [calibrated_light(plan, f) for f in frames]
+    return plan, frames, images, [grade_frame(im).stars for im in images]
+
+
+def test_every_pair_of_lights_registers_to_truth(hard):
+    from conftest import corner_error
+
+    plan, frames, _, stars = hard
+    errors = []
+    for i, ref in enumerate(frames):
+        for j, frame in enumerate(frames):
+            if i == j:
+                continue
+            t = find_transform(stars[j], stars[i])
+            truth = plan.transform(ref) @ np.linalg.inv(plan.transform(frame))
+            errors.append(corner_error(t.matrix, truth, plan.shape))
+            assert t.n_matches >= 10
+    # every frame onto every other: shallow B onto deep V, flipped onto unflipped, far apart
+    assert max(errors) < 0.1 and float(np.median(errors)) < 0.03, (max(errors), float(np.median(errors)))
+
+
+def test_wcs_guess_and_composed_transforms_agree_with_truth(hard):
+    from conftest import corner_error
+    from nightshift.service.register import compose, wcs_transform
+
+    plan, frames, _, stars = hard
+    a, b, c = 0, 3, 6  # B 30 s, V 300 s, V 30 s flipped
+    plan_wcs = [plan.wcs(frames[k]) for k in (a, b)]
+    guess = wcs_transform(plan_wcs[0], plan_wcs[1], plan.shape)
+    truth_ab = plan.transform(frames[b]) @ np.linalg.inv(plan.transform(frames[a]))
+    assert corner_error(guess, truth_ab, plan.shape) < 0.01, "the simulator's WCS is exact"
+    assert wcs_transform(fits.Header(), plan_wcs[1], plan.shape) is None
+    t_ab = find_transform(stars[a], stars[b], guess=guess)
+    assert t_ab.method == "wcs" and corner_error(t_ab.matrix, truth_ab, plan.shape) < 0.05
+    # frame c -> b, then b -> a: one composed transform c -> a
+    t_cb, t_ba = find_transform(stars[c], stars[b]), find_transform(stars[b], stars[a])
+    truth_ca = plan.transform(frames[a]) @ np.linalg.inv(plan.transform(frames[c]))
+    composed = compose(t_ba, t_cb)
+    assert composed.method == "composed" and composed.n_matches == min(t_ba.n_matches, t_cb.n_matches)
+    assert corner_error(composed.matrix, truth_ca, plan.shape) < 0.08
+    assert np.allclose(t_ab.inverse().matrix, np.linalg.inv(t_ab.matrix))
+
+
+def test_lanczos_keeps_stars_sharp_and_saturated_cores_flagged(hard):
+    plan, _, images, stars = hard
+    frame, ref = 3, 0  # a 300 s V frame (saturated stars) onto a 30 s B one
+    t = find_transform(stars[frame], stars[ref])
+    image = images[frame]
+    for interpolation in ("lanczos", "cubic"):
+        aligned = apply_transform(image, t, plan.shape, interpolation=interpolation)
+        before, after = grade_frame(image), grade_frame(aligned)
+        assert after.fwhm <= 1.02 * before.fwhm, interpolation
+        assert after.background_rms >= 0.8 * before.background_rms, "the noise is not smoothed away"
+        assert aligned.header["ALIGNINT"] == interpolation
+    # saturated cores travel as saturated (not as a 2x2-grown hole), with as many pixels as they had
+    assert image.saturated.sum() > 20
+    assert aligned.saturated.sum() == pytest.approx(image.saturated.sum(), rel=0.15)
+    # no dark ring: around each saturated core, nothing falls below the sky's low tail
+    sky, noise = before.background, before.background_rms
+    ring = cv2_dilate(aligned.saturated, 4) & ~cv2_dilate(aligned.saturated, 1)
+    assert np.nanmin(aligned.data[ring]) > sky - 5 * noise
+
+
+def cv2_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    import cv2
+
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)

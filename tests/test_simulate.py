@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import threading
 import time
@@ -495,3 +497,51 @@ def test_a_4k_benchmark_night_can_be_planned():
     assert plan.shape == (4096, 4096)
     assert plan.counts()["light"] == 2 * 10 * 2 * 2
     assert len(plan.star_catalogue("M 31")["x"]) > 10000
+
+
+def test_truth_file_says_what_every_file_is(tmp_path: Path) -> None:
+    from nightshift.service.simulate import TRUTH_FILE
+
+    plan = simulate_night(tmp_path, SimConfig(size=96, n_bias=3, n_dark=3, n_flat=3, n_light=3, trailed=1))
+    truth = json.loads((tmp_path / TRUTH_FILE).read_text())
+    assert truth["shape"] == [96, 96] and truth["saturation"] == SATURATION
+    assert set(truth["frames"]) == {f.name for f in plan.frames}
+    for f in plan.frames:
+        t = truth["frames"][f.name]
+        assert t["kind"] == f.kind and t["exptime"] == f.exptime and (tmp_path / f.name).is_file()
+        if f.kind == "light":
+            assert np.allclose(t["transform"], plan.transform(f))
+            assert (t["cloudy"], t["trailed"], t["flipped"]) == (f.cloudy, f.trailed, f.flipped)
+            assert t["good"] == (not f.cloudy and not f.trailed)
+    lights = [t for t in truth["frames"].values() if t["kind"] == "light"]
+    assert sum(t["trailed"] for t in lights) == 1 and sum(t["cloudy"] for t in lights) == 1
+    assert not any(t["trailed"] and t["cloudy"] for t in lights)
+
+
+def test_a_trailed_light_is_streaked_around_its_true_positions() -> None:
+    plan = plan_night(SimConfig(size=256, n_light=2, filters=("V",), light_exptimes=(300.0,), cloudy=0, trailed=1))
+    trailed = next(f for f in plan.by_kind("light") if f.trailed)
+    length = math.hypot(*trailed.trail)
+    assert 9.0 <= length <= 14.0
+    steady = replace(trailed, trail=(0.0, 0.0))
+    streak, star = plan.truth_signal(trailed), plan.truth_signal(steady)
+    assert streak.sum() == pytest.approx(star.sum(), rel=1e-3), "the drift moves light, it does not lose it"
+    # around the brightest star: the light keeps its centroid (the drift is centred on the pointing) and spreads
+    x, y = plan.star_positions(trailed)[0]
+    cut = (slice(int(y) - 25, int(y) + 26), slice(int(x) - 25, int(x) + 26))
+    yy, xx = np.mgrid[cut]
+    sky = np.median(star)
+    centroids = []
+    for img in (streak, star):
+        w = np.clip(img[cut] - sky, 0, None)
+        centroids.append(((w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()))
+    assert np.allclose(centroids[0], centroids[1], atol=0.05)
+    assert streak[cut].max() < 0.5 * star[cut].max()
+
+
+def test_long_exposures_saturate_and_a_fainter_field_goes_deeper() -> None:
+    plan = plan_night(SimConfig(size=256, n_light=1, filters=("V",), cloudy=0))
+    raw = {f.exptime: plan.render(f)[0] for f in plan.by_kind("light")}
+    assert (raw[300.0] == SATURATION).sum() > 10 * max(1, (raw[30.0] == SATURATION).sum())
+    plain, deep = (plan_night(SimConfig(size=256, faintest=v)).star_catalogue("NGC 6939") for v in (8.0, 2.0))
+    assert len(deep["x"]) > 2 * len(plain["x"]) and deep["flux_v"].min() < 8.0 <= plain["flux_v"].min()

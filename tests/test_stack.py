@@ -168,3 +168,38 @@ def test_final_combine_refuses_mismatched_frames(tmp_path):
         final_combine([tmp_path / "a.fits", tmp_path / "b.fits"], header=fits.Header())
     with pytest.raises(ValueError):
         final_combine([], header=fits.Header())
+
+
+def test_a_star_saturated_in_every_frame_stays_whole(tmp_path):
+    """Its core is no measurement in any frame, yet the stack holds the saturation level there, flagged, never a
+    hole; where only some frames saturated, the stack never dips below the level either."""
+    from nightshift.service.fitsio import read_flags, write_fits_atomic
+
+    frames = _frames(3)
+    level = 60000.0
+    for i, f in enumerate(frames):
+        f.header["SATURATE"] = level
+        f.saturated = np.zeros(SHAPE, dtype=bool)
+        f.saturated[50:54, 60:64] = True  # every frame
+        f.saturated[20, 20 + i] = True  # one frame each
+        f.mask = f.saturated.copy()
+        f.data[20, 20:23] = 40000.0  # the frames that did not saturate there saw a bright, unsaturated value
+        f.data[f.saturated] = np.nan  # an aligned frame's saturated pixels carry no value
+    live = LiveStack(SHAPE)
+    paths = []
+    for i, f in enumerate(frames):
+        live.add(f)
+        paths.append(tmp_path / f"a{i}.fits")
+        write_fits_atomic(paths[-1], f)
+    for result in (live.image(_reference_header()), final_combine(paths, header=_reference_header())):
+        assert np.isfinite(result.data).all() and not result.mask.any()
+        assert np.all(result.data[50:54, 60:64] == pytest.approx(level))
+        assert np.all(result.data[20, 20:23] >= level)
+        assert result.saturated.sum() == 16 + 3 and result.header["SATURATE"] == pytest.approx(level)
+    out = tmp_path / "stack.fits"
+    write_fits_atomic(out, result)
+    mask, saturated = read_flags(out)
+    assert not mask.any() and np.array_equal(saturated, result.saturated)
+    live.save_state(tmp_path / "live.npz")
+    back = LiveStack.load_state(tmp_path / "live.npz")
+    assert np.array_equal(back.saturated, live.saturated) and back.saturation_levels == [level] * 3
