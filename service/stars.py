@@ -241,7 +241,7 @@ def detect_stars(
 
     in_saturation = np.zeros(len(ix), dtype=bool)
     if sat is not None:
-        keep, in_saturation = _one_peak_per_saturated_star(sat, ix, iy)
+        keep, in_saturation, ix, iy = _one_peak_per_saturated_star(sat, ix, iy)
         iy, ix, height, in_saturation = iy[keep], ix[keep], height[keep], in_saturation[keep]
     if saturation is not None and math.isfinite(saturation):
         in_saturation |= data[iy, ix] >= NONLINEAR_FRACTION * saturation
@@ -318,23 +318,31 @@ def _sky(work: np.ndarray, bad: np.ndarray | None) -> tuple[np.ndarray, float, f
     return back, float(bkg.globalback), float(bkg.globalrms)
 
 
-def _one_peak_per_saturated_star(sat: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep one peak per saturated blob (the first, i.e. highest, found in it) and say which peaks touch one.
+def _one_peak_per_saturated_star(
+    sat: np.ndarray, ix: np.ndarray, iy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One peak per saturated blob, moved to the blob's centre; which peaks touch one.
 
-    A saturated core is a plateau of nearly equal values on which the smoothed frame can have several maxima.
+    A saturated core is a plateau of nearly equal values on which the smoothed frame can have several maxima, any
+    of them pixels away from the star's centre: the first (highest) is kept and placed at the plateau's centroid,
+    from where the windowed centroid starts. Returns (keep, in_saturation, ix, iy).
     """
-    n, labels = cv2.connectedComponents(sat.astype(np.uint8), connectivity=8)
+    n, labels, _, centroids = cv2.connectedComponentsWithStats(sat.astype(np.uint8), connectivity=8)
     if n <= 1:
-        return np.ones(len(ix), dtype=bool), np.zeros(len(ix), dtype=bool)
+        return np.ones(len(ix), dtype=bool), np.zeros(len(ix), dtype=bool), ix, iy
     grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int64)
     blob = grown[iy, ix]
     keep = np.ones(len(ix), dtype=bool)
+    ix, iy = ix.copy(), iy.copy()
     seen: set[int] = set()
     for i in np.flatnonzero(blob > 0):
-        if int(blob[i]) in seen:
+        b = int(blob[i])
+        if b in seen:
             keep[i] = False
-        seen.add(int(blob[i]))
-    return keep, blob > 0
+            continue
+        seen.add(b)
+        ix[i], iy[i] = round(centroids[b, 0]), round(centroids[b, 1])
+    return keep, blob > 0, ix, iy
 
 
 def _typical_fwhm(work: np.ndarray, ix: np.ndarray, iy: np.ndarray, in_saturation: np.ndarray) -> float:
