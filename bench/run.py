@@ -65,6 +65,13 @@ TARGET_END_TO_END = 5.0
 TARGET_ALIGN_RATIO = 2.0
 TARGET_ALIGN_PER_2K_FRAME_S = 0.5
 TARGET_CALIBRATE_ONE_2K_S = 0.1
+#: Issue 9: the whole night >= 5x the plain way with every good light stacked; per 2k frame star detection
+#: <= 0.08 s, matching <= 0.05 s, warping <= 0.05 s; aligned FWHM <= 1.02x calibrated.
+TARGET_WHOLE_NIGHT = 5.0
+TARGET_DETECT_2K_S = 0.08
+TARGET_MATCH_S = 0.05
+TARGET_WARP_2K_S = 0.05
+TARGET_FWHM_RATIO = 1.02
 
 
 def say(message: str) -> None:
@@ -122,6 +129,9 @@ def _sim_config(p: dict[str, Any]) -> Any:
         n_light=p["lights"],
         dialect=p["dialect"],
         seed=p["seed"],
+        max_offset=p.get("max_offset", 25.0),
+        max_rotation=p.get("max_rotation", 0.8),
+        trailed=p.get("trailed", 1),
     )
 
 
@@ -141,6 +151,9 @@ def phase_simulate(work: Path, p: dict[str, Any]) -> dict[str, Any]:
             "exptime": f.exptime,
             "object": f.object,
             "cloudy": f.cloudy,
+            "trailed": f.trailed,
+            "good": f.kind == "light" and not (f.cloudy or f.trailed),
+            "transform": plan.transform(f).tolist() if f.kind == "light" else None,
         }
         for f in plan.frames
     ]
@@ -211,7 +224,9 @@ def phase_nightshift(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         stages = _stage_histograms(pipeline.metrics)
         rows = archive.query("SELECT at FROM events WHERE stage = 'calibrate' AND decision = 'calibrated' ORDER BY at")
         lights = archive.query("SELECT status, COUNT(*) AS n FROM frames WHERE kind = 'light' GROUP BY status")
+        status = {r["path"]: r["status"] for r in archive.query("SELECT path, status FROM frames")}
         archive.close()
+    good = [m["path"] for m in _read_json(work / "manifest.json") if m["good"]]
     last_calibrated = _epoch(rows[-1]["at"]) - wall0 if rows else None
     return {
         "total_s": total,
@@ -221,6 +236,8 @@ def phase_nightshift(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         "calibrated_at_s": last_calibrated,
         "lights_calibrated": len(rows),
         "lights_by_status": {r["status"]: r["n"] for r in lights},
+        "good_lights": len(good),
+        "good_lights_stacked": sum(status.get(path) == "stacked" for path in good),
         "files": summary.get("files"),
         "summary_seconds": summary.get("seconds"),
         "stacks": [{k: s[k] for k in ("object", "filter", "exptime", "n_frames", "state")} for s in summary["stacks"]],
@@ -347,8 +364,11 @@ def phase_baseline_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     register_times: list[float] = []
     failed = 0
+    good = {m["path"] for m in _read_json(work / "manifest.json") if m["good"]}
+    good_stacked = 0
     t0 = time.perf_counter()
     for (obj, filt, exptime), members in _groups(lights).items():
+        good_stacked += members[0]["path"] in good
         ref, ref_header = fits.getdata(members[0]["calibrated"], header=True)
         ref = ref.astype("float")
         total = ref.copy()
@@ -366,6 +386,7 @@ def phase_baseline_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
                 register_times.append(time.perf_counter() - t)
             total += aligned
             n += 1
+            good_stacked += m["path"] in good
         total /= n
         fits.writeto(out / f"{obj}_{filt}_{exptime:g}s.fits".replace(" ", "_"), total, ref_header, overwrite=True)
     seconds = time.perf_counter() - t0
@@ -374,6 +395,8 @@ def phase_baseline_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         "frames": len(lights),
         "registered": len(register_times) - failed,
         "failed": failed,
+        "good_lights": len(good),
+        "good_lights_stacked": good_stacked,
         "per_frame_s": seconds / max(1, len(lights)),
         "register_per_frame_s": statistics.fmean(register_times) if register_times else None,
         "register_median_s": statistics.median(register_times) if register_times else None,
@@ -382,10 +405,17 @@ def phase_baseline_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
 
 # -- nightshift's align + stack science alone ----------------------------------------------------------------------
 def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
-    """service.grade (stars) + service.register + service.stack on nightshift's calibrated lights."""
+    """service.grade (stars) + service.register + service.stack on nightshift's calibrated lights, per frame.
+
+    Each light goes onto the first light of its (object, filter, exposure), as the plain way does. Per light:
+    star detection, matching and warping (Lanczos, the default; bicubic timed too) are timed alone; for the good
+    lights (not cloudy, not trailed) the aligned frame's FWHM is compared with the calibrated frame's and the
+    transform with the simulator's true one at the frame's corners.
+    """
+    import numpy as np
     from astropy.io import fits
     from nightshift.daemon.archive import Archive
-    from nightshift.service.fitsio import read_image, read_mask, write_fits_atomic
+    from nightshift.service.fitsio import read_flags, read_image, write_fits_atomic
     from nightshift.service.grade import grade_frame
     from nightshift.service.register import AlignError, apply_transform, find_transform
     from nightshift.service.stack import LiveStack
@@ -399,9 +429,13 @@ def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         )
     finally:
         archive.close()
+    manifest = {m["path"]: m for m in _read_json(work / "manifest.json")}
     out = work / "nightshift-align"
     out.mkdir(parents=True, exist_ok=True)
     parts = {"read_s": 0.0, "stars_s": 0.0, "transform_s": 0.0, "warp_s": 0.0, "add_s": 0.0, "write_s": 0.0}
+    per: dict[str, list[float]] = {"detect": [], "match": [], "warp": [], "warp_cubic": []}
+    fwhm_ratio: list[float] = []
+    corner_px: list[float] = []
     failed = 0
 
     @contextmanager
@@ -412,36 +446,50 @@ def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         finally:
             parts[key] += time.perf_counter() - t
 
+    def clock(fn: Any, *args: Any, **kw: Any) -> tuple[Any, float]:
+        t = time.perf_counter()
+        value = fn(*args, **kw)
+        return value, time.perf_counter() - t
+
     t0 = time.perf_counter()
     for (obj, filt, exptime), members in _groups(rows).items():
-        ref_grade = live = None
+        ref_grade = live = ref_truth = None
         stack_path = out / f"{obj}_{filt}_{exptime:g}s.fits".replace(" ", "_")
         for m in members:
             path = root / m["calibrated_path"]
+            truth = manifest[m["path"]]
             with timed("read_s"):
                 img = read_image(path)
-                img.mask = read_mask(path)
+                img.mask, img.saturated = read_flags(path)
             with timed("stars_s"):
-                grade = grade_frame(img)
+                grade, seconds = clock(grade_frame, img)
+            per["detect"].append(seconds)
             if live is None:
-                ref_grade, live = grade, LiveStack(img.data.shape)
+                ref_grade, live, ref_truth = grade, LiveStack(img.data.shape), truth
                 with timed("add_s"):
                     live.add(img)
                 continue
             try:
                 with timed("transform_s"):
-                    transform = find_transform(grade.stars, ref_grade.stars)
+                    transform, seconds = clock(find_transform, grade.stars, ref_grade.stars)
+                per["match"].append(seconds)
             except AlignError as exc:
                 failed += 1
                 say(f"nightshift could not align {Path(m['path']).name}: {exc}")
                 continue
             with timed("warp_s"):
-                aligned = apply_transform(img, transform, live.shape)
+                aligned, seconds = clock(apply_transform, img, transform, live.shape)
+            per["warp"].append(seconds)
+            per["warp_cubic"].append(clock(apply_transform, img, transform, live.shape, interpolation="cubic")[1])
             with timed("add_s"):
                 live.add(aligned)
             with timed("write_s"):  # as the daemon does: the aligned frame and the current stack, every frame
                 write_fits_atomic(out / "aligned.fits", aligned)
                 write_fits_atomic(stack_path, live.image(fits.Header()))
+            if truth["good"] and ref_truth["good"]:
+                fwhm_ratio.append(grade_frame(aligned).fwhm / grade.fwhm)
+                true = np.array(ref_truth["transform"]) @ np.linalg.inv(np.array(truth["transform"]))
+                corner_px.append(_corner_error(transform.matrix, true, img.data.shape))
     seconds = time.perf_counter() - t0
     n = max(1, len(rows))
     return {
@@ -450,8 +498,30 @@ def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         "failed": failed,
         "per_frame_s": seconds / n,
         "per_frame_parts_s": {k: v / n for k, v in parts.items()},
+        "per_frame_median_s": {k: statistics.median(v) if v else None for k, v in per.items()},
+        "aligned_fwhm_ratio": {
+            "median": statistics.median(fwhm_ratio) if fwhm_ratio else None,
+            "max": max(fwhm_ratio) if fwhm_ratio else None,
+            "frames": len(fwhm_ratio),
+        },
+        "registration_corner_px": {
+            "median": statistics.median(corner_px) if corner_px else None,
+            "max": max(corner_px) if corner_px else None,
+            "frames": len(corner_px),
+        },
         "agreement": _agreement(work, {r["path"]: root / r["calibrated_path"] for r in rows}),
     }
+
+
+def _corner_error(estimate: Any, truth: Any, shape: tuple[int, int]) -> float:
+    """Largest distance (px) between where two frame -> reference transforms put the frame's corners."""
+    import numpy as np
+
+    h, w = shape
+    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
+    a = corners @ np.asarray(estimate)[:2, :2].T + np.asarray(estimate)[:2, 2]
+    b = corners @ np.asarray(truth)[:2, :2].T + np.asarray(truth)[:2, 2]
+    return float(np.max(np.hypot(*(a - b).T)))
 
 
 def _agreement(work: Path, nightshift: dict[str, Path], n: int = 4) -> dict[str, Any]:
@@ -816,7 +886,20 @@ def summarise(params: dict[str, Any], r: dict[str, dict[str, Any]]) -> dict[str,
     out: dict[str, Any] = {
         "size": params["size"],
         "frames": {**sim["counts"], "files": files, "raw_mb": _r(sim["raw_mb"], 1)},
-        "params": {k: params[k] for k in ("lights", "calibrations", "dialect", "seed", "repeats", "profile")},
+        "params": {
+            k: params.get(k)
+            for k in (
+                "lights",
+                "calibrations",
+                "dialect",
+                "seed",
+                "max_offset",
+                "max_rotation",
+                "trailed",
+                "repeats",
+                "profile",
+            )
+        },
         "simulate_s": _r(sim["seconds"], 2),
         "nightshift": {
             "total_s": _r(ns["total_s"], 2),
@@ -893,6 +976,28 @@ def summarise(params: dict[str, Any], r: dict[str, dict[str, Any]]) -> dict[str,
             "add, with the average written, / lights; ratio = astroalign_plain / nightshift.",
         },
     }
+    med = na["per_frame_median_s"]
+    out["registration"] = {
+        "whole_night_s": {"nightshift": _r(ns["total_s"], 2), "ccdproc_astroalign": _r(baseline_total, 2)},
+        "ratio_whole_night": out["ratio_whole_night"],
+        "good_lights_stacked": {
+            "nightshift": f"{ns['good_lights_stacked']} of {ns['good_lights']}",
+            "ccdproc_astroalign": f"{ba['good_lights_stacked']} of {ba['good_lights']}",
+        },
+        "per_frame_median_s": {
+            "detect": _r(med["detect"]),
+            "match": _r(med["match"]),
+            "warp_lanczos": _r(med["warp"]),
+            "warp_cubic": _r(med["warp_cubic"]),
+            "astroalign_register": _r(ba["register_median_s"]),
+        },
+        "aligned_fwhm_over_calibrated": {k: _r(v) for k, v in na["aligned_fwhm_ratio"].items()},
+        "registration_error_corner_px": {k: _r(v) for k, v in na["registration_corner_px"].items()},
+        "note": "each light onto the first light of its (object, filter, exposure) on both sides; detection = "
+        "grade_frame (sky, stars, shapes), match = find_transform from the two star lists, warp = apply_transform "
+        "(mask and saturation flags included); medians per light. FWHM ratio and corner error (against the "
+        "simulator's true transforms) over the good lights (not cloudy, not trailed).",
+    }
     if "siril" in r and "total_s" in r["siril"]:
         out["versus_siril"] = _versus_siril(r["siril"], ns["total_s"], baseline_total)
     targets = {
@@ -900,6 +1005,12 @@ def summarise(params: dict[str, Any], r: dict[str, dict[str, Any]]) -> dict[str,
         "align_stack_2x": _ge(out["align_stack"]["ratio"], TARGET_ALIGN_RATIO),
         "align_stack_per_frame": _le(ns_update, TARGET_ALIGN_PER_2K_FRAME_S * size_factor),
         "calibrate_one": _le(one["calibrate_median_s"], TARGET_CALIBRATE_ONE_2K_S * size_factor),
+        "whole_night_5x": _ge(out["ratio_whole_night"], TARGET_WHOLE_NIGHT),
+        "every_good_light_stacked": ns["good_lights_stacked"] == ns["good_lights"],
+        "detect_per_frame": _le(med["detect"], TARGET_DETECT_2K_S * size_factor),
+        "match_per_frame": _le(med["match"], TARGET_MATCH_S),
+        "warp_per_frame": _le(med["warp"], TARGET_WARP_2K_S * size_factor),
+        "aligned_fwhm_ratio": _le(na["aligned_fwhm_ratio"]["max"], TARGET_FWHM_RATIO),
     }
     if "daemon" in r:
         d = r["daemon"]
@@ -923,6 +1034,11 @@ def summarise(params: dict[str, Any], r: dict[str, dict[str, Any]]) -> dict[str,
             "align_stack_ratio_min": TARGET_ALIGN_RATIO,
             "align_stack_per_frame_max_s": round(TARGET_ALIGN_PER_2K_FRAME_S * size_factor, 3),
             "calibrate_one_max_s": round(TARGET_CALIBRATE_ONE_2K_S * size_factor, 3),
+            "whole_night_ratio_min": TARGET_WHOLE_NIGHT,
+            "detect_per_frame_max_s": round(TARGET_DETECT_2K_S * size_factor, 3),
+            "match_per_frame_max_s": TARGET_MATCH_S,
+            "warp_per_frame_max_s": round(TARGET_WARP_2K_S * size_factor, 3),
+            "aligned_fwhm_ratio_max": TARGET_FWHM_RATIO,
             "scaled_from_2k_by_pixels": params["size"] != 2048,
         },
         "met": targets,
@@ -971,6 +1087,42 @@ def _versus_siril(si: dict[str, Any], nightshift_s: float, baseline_s: float) ->
     }
 
 
+def side_by_side(summary: dict[str, Any]) -> str:
+    """The registration figures of one run as a small table (on stderr; the JSON on stdout has them all)."""
+    reg = summary.get("registration")
+    if not reg:
+        return ""
+    per = reg["per_frame_median_s"]
+    rows = [
+        ("whole night (s)", reg["whole_night_s"]["nightshift"], reg["whole_night_s"]["ccdproc_astroalign"]),
+        (
+            "good lights stacked",
+            reg["good_lights_stacked"]["nightshift"],
+            reg["good_lights_stacked"]["ccdproc_astroalign"],
+        ),
+        ("per frame: star detection (s)", per["detect"], "-"),
+        ("per frame: matching (s)", per["match"], "-"),
+        ("per frame: warp, Lanczos (s)", per["warp_lanczos"], "-"),
+        ("per frame: warp, bicubic (s)", per["warp_cubic"], "-"),
+        ("per frame: astroalign.register (s)", "-", per["astroalign_register"]),
+        (
+            "aligned FWHM / calibrated (median, max)",
+            tuple(reg["aligned_fwhm_over_calibrated"][k] for k in ("median", "max")),
+            "-",
+        ),
+        (
+            "corner error vs truth, px (median, max)",
+            tuple(reg["registration_error_corner_px"][k] for k in ("median", "max")),
+            "-",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  {'nightshift':>22}  {'ccdproc + astroalign':>22}"]
+    lines += [f"{name:{width}}  {a!s:>22}  {b!s:>22}" for name, a, b in rows]
+    lines.append(f"{'whole night ratio':{width}}  {str(reg['ratio_whole_night']) + 'x':>22}")
+    return "\n".join(lines)
+
+
 def _ge(x: float | None, limit: float) -> bool | None:
     return None if x is None else bool(x >= limit)
 
@@ -1006,6 +1158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dialect", default="nina", help="capture program's header words (simulate's --dialect; 'mixed' too)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-offset", type=float, default=25.0, help="lights' pointing offsets, up to this (px)")
+    parser.add_argument("--max-rotation", type=float, default=0.8, help="lights' field rotation, up to this (deg)")
+    parser.add_argument("--trailed", type=int, default=1, help="lights trailed by a tracking failure")
     parser.add_argument("--repeats", type=int, default=15, help="runs of the one-light calibration (median)")
     parser.add_argument("--daemon", action="store_true", help="also measure the live daemon's latency")
     parser.add_argument("--daemon-lights", type=int, default=16, help="lights written live in --daemon")
@@ -1045,6 +1200,9 @@ def main(argv: list[str] | None = None) -> int:
         "calibrations": args.calibrations,
         "dialect": args.dialect,
         "seed": args.seed,
+        "max_offset": args.max_offset,
+        "max_rotation": args.max_rotation,
+        "trailed": args.trailed,
         "repeats": max(1, args.repeats),
         "daemon_lights": max(1, args.daemon_lights),
         "daemon_interval": interval,
@@ -1074,6 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             say(f"work folder kept: {work}")
     text = json.dumps(summary, indent=2)
+    print(side_by_side(summary), file=sys.stderr, flush=True)
     print(text, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
