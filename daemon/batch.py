@@ -55,7 +55,10 @@ def reduce_folders(
     pipeline: Pipeline, folders: list[Path], *, show_progress: bool = True, reports: bool = True
 ) -> dict[str, Any]:
     """Ingest every wanted file of ``folders``, run the pipeline to the end of each night, write the report of
-    each night the files belong to (``reports``; summary key ``reports``: {night: path}), and summarise."""
+    each night the files belong to (``reports``; summary key ``reports``: {night: path}), and summarise.
+
+    Every stack is finalised at the end, so no running mean is redrawn after each light (``Stacker.live``)."""
+    pipeline.stacker.live = False
     w = pipeline.config.watch
     files: list[Path] = []
     for folder in folders:

@@ -26,13 +26,14 @@ from nightshift.daemon.intake import Examined, FilterNames, examine, quarantine,
 from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.metrics import Metrics
 from nightshift.daemon.products import Layout
-from nightshift.daemon.stacking import Stacker
+from nightshift.daemon.stacking import Stacker, compute_align, compute_grade
 from nightshift.daemon.workspace import Workspace
 from nightshift.service.calibrate import CalibrationError
 from nightshift.service.classify import ClassifyOptions
 from nightshift.service.fitsio import read_frame_header
 from nightshift.service.frame import FrameError
 from nightshift.service.night import header_longitude
+from nightshift.service.register import AlignError
 
 __all__ = ["MAX_TRIES", "Pipeline"]
 
@@ -170,12 +171,12 @@ class Pipeline:
             )
             if self.calibrate_lights(pending):
                 return True
-        light = self.archive.one(
-            "SELECT * FROM frames WHERE kind = 'light' AND status = 'calibrated' ORDER BY date_obs, id LIMIT 1"
+        calibrated = self.archive.query(
+            "SELECT * FROM frames WHERE kind = 'light' AND status = 'calibrated' ORDER BY date_obs, id LIMIT ?",
+            [4 * self.workers],
         )
-        if light is not None:
-            with self._guard("stack", [light]):
-                self.stacker.grade_and_stack(light)
+        if calibrated:
+            self.stack_lights(calibrated)
             return True
         for stack in self.stacker.quiet_stacks(self.config.stacking.final_after_seconds):
             with self._guard("stack", []):
@@ -235,6 +236,41 @@ class Pipeline:
                     record_light(self.ws, job, value)
                     done += 1
         return done
+
+    def stack_lights(self, lights: list[dict[str, Any]]) -> None:
+        """Grade, judge, align and stack calibrated lights in time order: grading and aligning (reading, star
+        detection, matching, warping, writing) on the workers, if any; judging, choosing references and
+        recording on this thread."""
+        jobs = []
+        for light in lights:
+            with self._guard("stack", [light]):
+                job = self.stacker.grade_job(light)
+                if job is not None:
+                    jobs.append((light, job))
+        for (light, _), (value, error) in zip(jobs, self._map(compute_grade, [j for _, j in jobs]), strict=True):
+            with self._guard("stack", [light]):
+                if error is not None:
+                    raise error
+                self.stacker.record_grade(light, value)
+        accepted = []
+        for light in lights:
+            with self._guard("stack", [light]):
+                row = self.archive.frame(light["id"])
+                if row["status"] == "calibrated" and self.stacker.place(row):
+                    accepted.append(row)
+        aligns = []
+        for light in accepted:
+            with self._guard("stack", [light]):
+                aligns.append((light, *self.stacker.align_job(light)))
+        results = self._map(compute_align, [job for _, _, job in aligns])
+        for (light, ref, _), (value, error) in zip(aligns, results, strict=True):
+            with self._guard("stack", [light]):
+                if isinstance(error, AlignError):
+                    self.stacker.unaligned(light, error)
+                elif error is not None:
+                    raise error
+                else:
+                    self.stacker.record_placed(light, ref, value)
 
     def ingest_many(self, paths: list[Path], *, progress: Callable[[], None] | None = None) -> None:
         """Ingest files in order, reading and hashing them on the workers; a filter written several ways is filed

@@ -43,7 +43,16 @@ from nightshift.service.register import (
 from nightshift.service.stack import LiveStack, final_combine
 from nightshift.service.stars import StarList
 
-__all__ = ["AlignJob", "AlignResult", "Stacker", "compute_align", "read_frame"]
+__all__ = [
+    "AlignJob",
+    "AlignResult",
+    "GradeJob",
+    "GradeResult",
+    "Stacker",
+    "compute_align",
+    "compute_grade",
+    "read_frame",
+]
 
 #: A live stack's picture is redrawn at most this often (the FITS file is rewritten with every frame).
 STACK_PREVIEW_SECONDS = 60.0
@@ -98,6 +107,28 @@ class AlignResult:
     timings: Timings = field(default_factory=Timings)
 
 
+@dataclass
+class GradeJob:
+    """One calibrated light to grade, as plain data."""
+
+    calibrated: Path
+    threshold: float
+
+
+@dataclass
+class GradeResult:
+    grade: Grade
+    timings: Timings = field(default_factory=Timings)
+
+
+def compute_grade(job: GradeJob) -> GradeResult:
+    """Read a calibrated light with its flags and grade it. Touches no database."""
+    timings = Timings()
+    with timings.stage("grade"):
+        grade = grade_frame(read_frame(job.calibrated), threshold=job.threshold)
+    return GradeResult(grade, timings)
+
+
 def compute_align(job: AlignJob) -> AlignResult:
     """Find the transform (unless given), warp the calibrated frame onto the reference's grid and write it.
 
@@ -132,11 +163,14 @@ class Stacker:
     stack's picture was last drawn.
     """
 
-    def __init__(self, ws: Workspace, grading: GradingConfig, rules: StackingConfig) -> None:
+    def __init__(self, ws: Workspace, grading: GradingConfig, rules: StackingConfig, *, live: bool = True) -> None:
+        """``live`` False (a batch reduce, finalised at once): members are recorded as they come but the running
+        mean is not redrawn and rewritten after every light, only the final combine is made."""
         self.ws = ws
         self.archive, self.layout, self.metrics = ws.archive, ws.layout, ws.metrics
         self.grading = grading
         self.rules = rules
+        self.live = live
         self.live_stacks: dict[int, LiveStack] = {}
         self.stack_previews: dict[int, float] = {}  # stack id -> when its picture was last drawn (monotonic)
 
@@ -161,14 +195,23 @@ class Stacker:
             note=src.get("note"),
         )
 
+    def grade_job(self, frame: dict[str, Any]) -> GradeJob | None:
+        """The grading to do for ``frame``; None when its grade is already in the archive."""
+        if frame.get("n_stars") is not None and self.archive.load_sources(frame["id"]) is not None:
+            return None
+        return GradeJob(self.layout.root / frame["calibrated_path"], self.grading.detect_threshold)
+
     def _ensure_graded(self, frame: dict[str, Any]) -> Grade:
-        if frame.get("n_stars") is not None:
+        job = self.grade_job(frame)
+        if job is None:
             g = self._grade_of(frame)
-            if g is not None:
-                return g
-        with self.metrics.stage("grade"):
-            img = read_frame(self.layout.root / frame["calibrated_path"])
-            g = grade_frame(img, threshold=self.grading.detect_threshold)
+            assert g is not None
+            return g
+        return self.record_grade(frame, compute_grade(job))
+
+    def record_grade(self, frame: dict[str, Any], result: GradeResult) -> Grade:
+        self.ws.observe(result.timings)
+        g = result.grade
         sources = {"stars": g.stars.to_dict(), "flux": g.flux, "n_measured": g.n_measured, "note": g.note}
         self.archive.save_sources(frame["id"], sources)
         self.archive.update_frame(frame["id"], **g.row())
@@ -293,16 +336,19 @@ class Stacker:
             header.add_history(f"nightshift stack input: {Path(m['path']).name} sha256:{(m['sha256'] or '')[:16]}")
         return header
 
-    def _write_stack(self, stack: dict[str, Any], image: Image, members: list[dict[str, Any]], final: bool) -> None:
-        path = self.layout.root / stack["path"]
-        write_fits_atomic(path, image)
+    def _write_stack(
+        self, stack: dict[str, Any], image: Image | None, members: list[dict[str, Any]], final: bool
+    ) -> None:
+        """Write the stack's FITS and picture (unless ``image`` is None: membership only) and record its members."""
         preview = self.layout.stack_preview(stack["night"], stack["object"], stack["filter"], stack["exptime"])
-        last = self.stack_previews.get(stack["id"])
-        if final or last is None or time.monotonic() - last >= STACK_PREVIEW_SECONDS or not preview.exists():
-            with self.metrics.stage("preview"):
-                title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(members)}"
-                write_bytes_atomic(preview, preview_png(image.data, mask=image.mask, title=title))
-            self.stack_previews[stack["id"]] = time.monotonic()
+        if image is not None:
+            write_fits_atomic(self.layout.root / stack["path"], image)
+            last = self.stack_previews.get(stack["id"])
+            if final or last is None or time.monotonic() - last >= STACK_PREVIEW_SECONDS or not preview.exists():
+                with self.metrics.stage("preview"):
+                    title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(members)}"
+                    write_bytes_atomic(preview, preview_png(image.data, mask=image.mask, title=title))
+                self.stack_previews[stack["id"]] = time.monotonic()
         ids = [m["id"] for m in members]
         with self.archive.transaction():
             self.archive.execute("DELETE FROM stack_frames WHERE stack_id = ?", [stack["id"]])
@@ -315,7 +361,7 @@ class Stacker:
                     len(ids),
                     sum(m["exptime"] for m in members),
                     "final" if final else "live",
-                    self.layout.relative(preview),
+                    self.layout.relative(preview) if preview.exists() else None,
                     now_iso(),
                     stack["id"],
                 ],
@@ -381,9 +427,11 @@ class Stacker:
         for stack in self.archive.query(f"SELECT * FROM stacks WHERE {where}", args):
             members = moved[stack["id"]]
             if members:
-                live = self._live(stack, members, product_shape(frame))
-                header = self._stack_header(stack, members, final=False)
-                self._write_stack(stack, live.image(header, history=False), members, final=False)
+                image = None
+                if self.live:
+                    live = self._live(stack, members, product_shape(frame))
+                    image = live.image(self._stack_header(stack, members, final=False), history=False)
+                self._write_stack(stack, image, members, final=False)
             self.archive.event(
                 "align",
                 "rebased",
@@ -393,7 +441,21 @@ class Stacker:
         return True
 
     def grade_and_stack(self, frame: dict[str, Any]) -> None:
-        """Grade a calibrated light; reject it with a reason or align it and add it to its live stack."""
+        """Grade a calibrated light; reject it with a reason or align it and add it to its stack (one light; the
+        pipeline does the same in batches, computing on its workers)."""
+        if not self.place(frame):
+            return
+        ref, job = self.align_job(frame)
+        try:
+            result = compute_align(job)
+        except AlignError as exc:
+            self.unaligned(frame, exc)
+            return
+        self.record_placed(frame, ref, result)
+
+    def place(self, frame: dict[str, Any]) -> bool:
+        """Judge a graded light against its group: reject it (False), or accept it (True), making it the
+        reference of its (night, object, filter) if it is the first or much better than the current one."""
         grade = self._ensure_graded(frame)
         others = self.archive.query(f"SELECT * FROM frames WHERE {_GROUP} AND n_stars IS NOT NULL", _group_args(frame))
         reason, transp = self._judge(frame, grade, others)
@@ -403,34 +465,57 @@ class Stacker:
             self.archive.event("grade", "rejected", reason, frame_id=frame["id"])
             self.metrics.frames_rejected.labels(reason=reason).inc()
             log.info("rejected %s: %s", frame["path"], reason)
-            return
+            return False
         ref = self._reference(frame)
-        if ref is None or (_score(frame) > REBASE_FACTOR * _score(ref) and self._rebase(frame, grade, ref)):
-            ref = frame
-        try:
-            self._align(frame, grade, ref)
-        except AlignError as exc:
-            why = f"unaligned: {exc}"
-            self.archive.set_status(frame["id"], "rejected", why)
-            self.archive.event("align", "rejected", why, frame_id=frame["id"])
-            self.metrics.frames_rejected.labels(reason=why).inc()
-            log.warning("could not align %s: %s", frame["path"], exc)
-            return
+        if ref is None:
+            self._stack_row(frame, frame["id"])  # the first good frame of its target and filter: the reference
+        elif _score(frame) > REBASE_FACTOR * _score(ref):
+            self._rebase(frame, grade, ref)
+        return True
+
+    def align_job(self, frame: dict[str, Any]) -> tuple[dict[str, Any], AlignJob]:
+        """The alignment of an accepted light onto its (night, object, filter)'s reference, as plain data."""
+        ref = self._reference(frame)
+        assert ref is not None, "place() made the reference"
+        if ref["id"] == frame["id"]:
+            return ref, self._align_job(frame, ref, transform=Transform.identity())
+        grade, ref_grade = self._ensure_graded(frame), self._ensure_graded(ref)
+        job = self._align_job(frame, ref)
+        job.stars, job.reference_stars = grade.stars.to_dict(), ref_grade.stars.to_dict()
+        return ref, job
+
+    def unaligned(self, frame: dict[str, Any], exc: AlignError) -> None:
+        why = f"unaligned: {exc}"
+        self.archive.set_status(frame["id"], "rejected", why)
+        self.archive.event("align", "rejected", why, frame_id=frame["id"])
+        self.metrics.frames_rejected.labels(reason=why).inc()
+        log.warning("could not align %s: %s", frame["path"], exc)
+
+    def record_placed(self, frame: dict[str, Any], ref: dict[str, Any], result: AlignResult) -> None:
+        """Record an aligned light and add it to its stack."""
+        current = self._reference(frame)
+        if current is not None and current["id"] != ref["id"]:
+            # the reference changed while this light was being aligned: one composed transform onto the new one
+            to_new = compose(self._stored_transform(ref, current), Transform.from_dict(result.transform))
+            result = compute_align(self._align_job(frame, current, to_new))
+            ref = current
+        self._record_align(frame, ref, result)
         self.metrics.frames_aligned.inc()
         frame = self.archive.frame(frame["id"])
         stack = self._stack_row(frame, ref["id"])
         members = [m for m in self._members(stack["id"]) if m["id"] != frame["id"]]
         with self.metrics.stage("stack"):
-            shape = product_shape(ref)
-            live = self._live(stack, members, shape)
-            live.add(read_frame(self.layout.root / frame["aligned_path"]))
             members.append(frame)
-            header = self._stack_header(stack, members, final=False)
-            self._write_stack(stack, live.image(header, history=False), members, final=False)
+            image = None
+            if self.live:
+                live = self._live(stack, members[:-1], product_shape(ref))
+                live.add(read_frame(self.layout.root / frame["aligned_path"]))
+                image = live.image(self._stack_header(stack, members, final=False), history=False)
+            self._write_stack(stack, image, members, final=False)
         self.archive.event(
             "stack",
             "stacked",
-            f"live stack #{stack['id']} now {len(members)} frames",
+            f"{'live ' if self.live else ''}stack #{stack['id']} now {len(members)} frames",
             frame_id=frame["id"],
             stack_id=stack["id"],
         )
