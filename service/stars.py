@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 import sep
 from nightshift.service.saturation import NONLINEAR_FRACTION
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 __all__ = [
@@ -325,24 +327,32 @@ def _one_peak_per_saturated_star(
 
     A saturated core is a plateau of nearly equal values on which the smoothed frame can have several maxima, any
     of them pixels away from the star's centre: the first (highest) is kept and placed at the plateau's centroid,
-    from where the windowed centroid starts. Returns (keep, in_saturation, ix, iy).
+    from where the windowed centroid starts. Saturated pixels are few, so the blobs are found among them alone
+    (touching pixels, 8-connected), not by labelling the whole frame. Returns (keep, in_saturation, ix, iy).
     """
-    n, labels, _, centroids = cv2.connectedComponentsWithStats(sat.astype(np.uint8), connectivity=8)
-    if n <= 1:
-        return np.ones(len(ix), dtype=bool), np.zeros(len(ix), dtype=bool), ix, iy
-    grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int64)
-    blob = grown[iy, ix]
+    rows, cols = np.divmod(np.flatnonzero(sat), sat.shape[1])
+    points = np.column_stack([cols, rows]).astype(np.float64)
+    tree = cKDTree(points)
+    pairs = tree.query_pairs(1.5, output_type="ndarray")
+    n = len(points)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    count = np.bincount(labels)
+    cx, cy = np.bincount(labels, weights=cols) / count, np.bincount(labels, weights=rows) / count
+    dist, nearest = tree.query(np.column_stack([ix, iy]).astype(np.float64), distance_upper_bound=2.9)
+    touching = np.isfinite(dist)
+    blob = np.where(touching, labels[np.minimum(nearest, n - 1)], -1)
     keep = np.ones(len(ix), dtype=bool)
     ix, iy = ix.copy(), iy.copy()
     seen: set[int] = set()
-    for i in np.flatnonzero(blob > 0):
+    for i in np.flatnonzero(touching):
         b = int(blob[i])
         if b in seen:
             keep[i] = False
             continue
         seen.add(b)
-        ix[i], iy[i] = round(centroids[b, 0]), round(centroids[b, 1])
-    return keep, blob > 0, ix, iy
+        ix[i], iy[i] = round(cx[b]), round(cy[b])
+    return keep, touching, ix, iy
 
 
 def _typical_fwhm(work: np.ndarray, ix: np.ndarray, iy: np.ndarray, in_saturation: np.ndarray) -> float:
