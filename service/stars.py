@@ -1,11 +1,11 @@
 """Find the stars of a frame once: positions, fluxes, sizes, shapes and what each is good for, plus the sky.
 
 Detection is DAOFIND's method (Stetson 1987) on OpenCV primitives, fast enough for a 2k frame in a few hundredths
-of a second: the sky is measured by ``sep.Background`` on a quarter of the pixels, the frame is smoothed with a Gaussian
-(the matched filter of a star), and every local maximum above the threshold whose peak is not far sharper than
-light through the telescope (a cosmic ray, a hot pixel) is a star. The brightest are measured with ``sep``
-(windowed centroid, half-flux diameter, aperture flux) and with windowed second moments (elongation, corrected
-for the window).
+of a second: the sky is measured by ``sep.Background`` on a sixteenth of the pixels, the frame is smoothed with a
+Gaussian (the matched filter of a star), and every local maximum above the threshold whose peak is not far sharper
+than light through the telescope (a cosmic ray, a hot pixel) is a star. The brightest are measured with windowed
+centroids (SExtractor's XWIN), window-corrected second moments (elongation) and sep (half-flux diameter,
+aperture flux).
 
 Each star carries flags saying what it is good for. Saturated stars (touching a pixel flagged saturated, or
 peaking in the non-linear top of the range), stars with a masked pixel in their aperture, blended stars, stars
@@ -63,7 +63,7 @@ _CENTROID_ITERATIONS = 12
 #: Unsaturated bright stars used to learn the frame's typical size before measuring all.
 _N_TYPICAL = 50
 #: The sky is measured on every _SKY_STEP-th pixel of every _SKY_STEP-th row, in meshes of _MESH frame pixels.
-_SKY_STEP = 2
+_SKY_STEP = 4
 _MESH = 64
 _FIELDS = ("x", "y", "flux", "fwhm", "elongation")
 
@@ -306,8 +306,9 @@ def _local_maxima(smooth: np.ndarray, level: float) -> tuple[np.ndarray, np.ndar
 def _sky(work: np.ndarray, bad: np.ndarray | None) -> tuple[np.ndarray, float, float]:
     """The sky (full-size map), its global level and the noise of the frame's pixels about it.
 
-    sep.Background measures both on every other pixel of every other row (its meshes are 64 frame pixels), four
-    times fewer pixels than the frame, each with the frame's own noise; the map is interpolated back.
+    sep.Background measures both on every fourth pixel of every fourth row (its meshes are 64 frame pixels, 256
+    samples each), sixteen times fewer pixels than the frame, each with the frame's own noise; the map is
+    interpolated back.
     """
     h, w = work.shape
     step = _SKY_STEP if min(h, w) >= 32 * _SKY_STEP else 1
