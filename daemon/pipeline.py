@@ -26,7 +26,7 @@ from nightshift.daemon.intake import Examined, FilterNames, examine, quarantine,
 from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.metrics import Metrics
 from nightshift.daemon.products import Layout
-from nightshift.daemon.stacking import Stacker, compute_align, compute_grade
+from nightshift.daemon.stacking import Stacker, compute_align, compute_final, compute_grade
 from nightshift.daemon.workspace import Workspace
 from nightshift.service.calibrate import CalibrationError
 from nightshift.service.classify import ClassifyOptions
@@ -338,9 +338,17 @@ class Pipeline:
             else:
                 nights = [night]
             for n in nights:
+                jobs = []
                 for stack in self.stacker.night_stacks(n):
                     with self._guard("stack", []):
-                        self.stacker.finalize_stack(stack)
+                        job = self.stacker.plan_final(stack)
+                        if job is not None:
+                            jobs.append(job)
+                for job, (value, error) in zip(jobs, self._map(compute_final, jobs), strict=True):
+                    with self._guard("stack", []):
+                        if error is not None:
+                            raise error
+                        self.stacker.record_final(job, value)
                     if progress is not None:
                         progress()
         finally:

@@ -46,10 +46,13 @@ from nightshift.service.stars import StarList
 __all__ = [
     "AlignJob",
     "AlignResult",
+    "FinalJob",
+    "FinalResult",
     "GradeJob",
     "GradeResult",
     "Stacker",
     "compute_align",
+    "compute_final",
     "compute_grade",
     "read_frame",
 ]
@@ -127,6 +130,41 @@ def compute_grade(job: GradeJob) -> GradeResult:
     with timings.stage("grade"):
         grade = grade_frame(read_frame(job.calibrated), threshold=job.threshold)
     return GradeResult(grade, timings)
+
+
+@dataclass
+class FinalJob:
+    """A final combine as plain data: the stack's row and members (rows), their aligned files, the header, where
+    the stack and its picture go, and the rules."""
+
+    stack: dict[str, Any]
+    members: list[dict[str, Any]]
+    aligned: list[Path]
+    header: fits.Header
+    path: Path
+    preview: Path
+    sigma: float
+    mem_limit_bytes: int
+
+
+@dataclass
+class FinalResult:
+    timings: Timings = field(default_factory=Timings)
+
+
+def compute_final(job: FinalJob) -> FinalResult:
+    """Combine the aligned frames (sigma-clipped mean in row bands) and write the stack and its picture."""
+    result = FinalResult()
+    with result.timings.stage("stack"):
+        image = final_combine(
+            job.aligned, header=job.header, sigma=job.sigma, mem_limit_bytes=job.mem_limit_bytes, history=False
+        )
+        write_fits_atomic(job.path, image)
+    with result.timings.stage("preview"):
+        stack = job.stack
+        title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(job.members)}"
+        write_bytes_atomic(job.preview, preview_png(image.data, mask=image.mask, title=title))
+    return result
 
 
 def compute_align(job: AlignJob) -> AlignResult:
@@ -546,6 +584,13 @@ class Stacker:
 
     def finalize_stack(self, stack: dict[str, Any]) -> None:
         """Re-judge the whole group and replace the live stack by a sigma-clipped combine of the accepted frames."""
+        job = self.plan_final(stack)
+        if job is not None:
+            self.record_final(job, compute_final(job))
+
+    def plan_final(self, stack: dict[str, Any]) -> FinalJob | None:
+        """Re-judge the whole group (aligning any accepted frame not yet on the reference's grid) and return the
+        final combine to compute; None when no frame survived (the stack is dropped)."""
         group = self.archive.query(
             f"SELECT * FROM frames WHERE {_GROUP} AND n_stars IS NOT NULL AND status IN ('stacked', 'rejected') "
             "AND (reason IS NULL OR reason NOT LIKE 'unaligned:%') ORDER BY id",
@@ -579,19 +624,26 @@ class Stacker:
                     continue
                 f = self.archive.frame(f["id"])
             accepted.append(f)
-        with self.metrics.stage("stack"):
-            if accepted:
-                header = self._stack_header(stack, accepted, final=True)
-                image = final_combine(
-                    [self.layout.root / f["aligned_path"] for f in accepted],
-                    header=header,
-                    sigma=self.rules.sigma,
-                    mem_limit_bytes=int(self.rules.mem_limit_mb * 2**20),
-                    history=False,
-                )
-                self._write_stack(stack, image, accepted, final=True)
-            else:
-                self._drop_empty_stack(stack)
         self.live_stacks.pop(stack["id"], None)
-        self.archive.event("stack", "final", f"sigma-clipped combine of {len(accepted)} frames", stack_id=stack["id"])
-        log.info("final stack %s: %d frames", stack["path"], len(accepted))
+        if not accepted:
+            self._drop_empty_stack(stack)
+            return None
+        return FinalJob(
+            stack=stack,
+            members=accepted,
+            aligned=[self.layout.root / f["aligned_path"] for f in accepted],
+            header=self._stack_header(stack, accepted, final=True),
+            path=self.layout.root / stack["path"],
+            preview=self.layout.stack_preview(stack["night"], stack["object"], stack["filter"], stack["exptime"]),
+            sigma=self.rules.sigma,
+            mem_limit_bytes=int(self.rules.mem_limit_mb * 2**20),
+        )
+
+    def record_final(self, job: FinalJob, result: FinalResult) -> None:
+        stack = job.stack
+        self.ws.observe(result.timings)
+        self.stack_previews[stack["id"]] = time.monotonic()
+        self._write_stack(stack, None, job.members, final=True)
+        n = len(job.members)
+        self.archive.event("stack", "final", f"sigma-clipped combine of {n} frames", stack_id=stack["id"])
+        log.info("final stack %s: %d frames", stack["path"], n)
