@@ -16,7 +16,17 @@ import numpy as np
 from nightshift.service.frame import Image
 from nightshift.service.register import AlignError, find_transform
 from nightshift.service.saturation import header_level
-from nightshift.service.stars import EDGE, MASKED, SATURATED, SNR_FLOOR, StarList, detect_stars
+from nightshift.service.stars import (
+    BLENDED,
+    EDGE,
+    FAINT,
+    MASKED,
+    SATURATED,
+    SHAPE_FLAGS,
+    SNR_FLOOR,
+    StarList,
+    detect_stars,
+)
 from scipy.spatial import cKDTree
 
 __all__ = ["Grade", "RejectRules", "grade_frame", "grade_from_stars", "judge", "quality_score", "transparency"]
@@ -26,8 +36,10 @@ N_FLUX_STARS = 20
 #: Measurable stars (unsaturated, unmasked, isolated, above the SNR floor) used for the median FWHM and
 #: elongation: the brightest of them.
 _N_SHAPE_STARS = 200
-#: With fewer measurable stars than this the shape is taken from what there is, and the grade says so.
+#: With fewer measurable stars than this the shape is taken from what there is (at most _N_FALLBACK_STARS of the
+#: brightest), and the grade says so.
 MIN_SHAPE_STARS = 5
+_N_FALLBACK_STARS = 20
 #: Flags that make a star's flux useless for comparing frames (it is clipped, or some of it is missing).
 _FLUX_FLAGS = SATURATED | MASKED | EDGE
 #: Matching radius (pixels) between a frame's stars, mapped into the reference, and the reference's stars.
@@ -122,12 +134,14 @@ def grade_from_stars(stars: StarList, *, exptime: float | None = None) -> Grade:
     note = None
     use = measurable
     if len(measurable) < MIN_SHAPE_STARS and len(stars):
-        unsaturated = np.flatnonzero((stars.flags & SATURATED) == 0)
-        use = unsaturated if len(unsaturated) >= min(MIN_SHAPE_STARS, len(stars)) else np.arange(len(stars))
-        use = use[:_N_SHAPE_STARS]
+        # fewer and fewer demands, and only the brightest of each set: a faint star's size is mostly noise
+        for allowed in (FAINT, FAINT | BLENDED | EDGE | MASKED, SHAPE_FLAGS):
+            use = np.flatnonzero((stars.flags & (SHAPE_FLAGS & ~allowed)) == 0)[:_N_FALLBACK_STARS]
+            if len(use) >= min(MIN_SHAPE_STARS, len(stars)):
+                break
         note = (
             f"few measurable stars ({len(measurable)} unsaturated, isolated, SNR >= {SNR_FLOOR:g}): "
-            f"shape from {len(use)} stars"
+            f"shape from the {len(use)} brightest usable"
         )
     shape_fwhm, shape_elongation = stars.fwhm[use], stars.elongation[use]
     fwhm = float(np.nanmedian(shape_fwhm)) if np.isfinite(shape_fwhm).any() else math.nan

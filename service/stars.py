@@ -62,8 +62,8 @@ _SHARP_FRACTION = 0.5
 _CENTROID_ITERATIONS = 12
 #: Unsaturated bright stars used to learn the frame's typical size before measuring all.
 _N_TYPICAL = 50
-#: The sky is measured on every _SKY_STEP-th pixel of every _SKY_STEP-th row, in meshes of _MESH frame pixels.
-_SKY_STEP = 4
+#: The sky is measured on every n-th pixel of every n-th row (n = 4 from 1024 px frames up, 2 below, 1 for tiny
+#: frames), in meshes of _MESH frame pixels: 256 samples a mesh or more.
 _MESH = 64
 _FIELDS = ("x", "y", "flux", "fwhm", "elongation")
 
@@ -306,12 +306,11 @@ def _local_maxima(smooth: np.ndarray, level: float) -> tuple[np.ndarray, np.ndar
 def _sky(work: np.ndarray, bad: np.ndarray | None) -> tuple[np.ndarray, float, float]:
     """The sky (full-size map), its global level and the noise of the frame's pixels about it.
 
-    sep.Background measures both on every fourth pixel of every fourth row (its meshes are 64 frame pixels, 256
-    samples each), sixteen times fewer pixels than the frame, each with the frame's own noise; the map is
-    interpolated back.
+    sep.Background measures both on every fourth pixel of every fourth row of a big frame (every other of a small
+    one: its meshes are 64 frame pixels), each with the frame's own noise; the map is interpolated back.
     """
     h, w = work.shape
-    step = _SKY_STEP if min(h, w) >= 32 * _SKY_STEP else 1
+    step = 4 if min(h, w) >= 1024 else 2 if min(h, w) >= 64 else 1
     sample = np.ascontiguousarray(work[::step, ::step])
     smask = np.ascontiguousarray(bad[::step, ::step]) if bad is not None else None
     mesh = max(8, min(_MESH // step, sample.shape[0], sample.shape[1]))
