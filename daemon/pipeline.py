@@ -26,7 +26,7 @@ from nightshift.daemon.intake import Examined, FilterNames, examine, quarantine,
 from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.metrics import Metrics
 from nightshift.daemon.products import Layout
-from nightshift.daemon.stacking import Stacker, compute_align, compute_final, compute_grade
+from nightshift.daemon.stacking import AlignJob, Stacker, compute_align, compute_final, compute_grade
 from nightshift.daemon.workspace import Workspace
 from nightshift.service.calibrate import CalibrationError
 from nightshift.service.classify import ClassifyOptions
@@ -262,15 +262,33 @@ class Pipeline:
         for light in accepted:
             with self._guard("stack", [light]):
                 aligns.append((light, *self.stacker.align_job(light)))
+        missed = self._align_and_record(aligns, last_try=False)
+        if missed:  # once more, through the members aligned meanwhile (this batch's included)
+            retry = []
+            for light in missed:
+                with self._guard("stack", [light]):
+                    retry.append((light, *self.stacker.align_job(light, bridges=True)))
+            self._align_and_record(retry, last_try=True)
+
+    def _align_and_record(
+        self, aligns: list[tuple[dict[str, Any], dict[str, Any], AlignJob]], *, last_try: bool
+    ) -> list[dict[str, Any]]:
+        """Align on the workers and record; the lights that matched nothing (rejected as unaligned on the last
+        try, returned otherwise)."""
+        missed = []
         results = self._map(compute_align, [job for _, _, job in aligns])
         for (light, ref, _), (value, error) in zip(aligns, results, strict=True):
             with self._guard("stack", [light]):
                 if isinstance(error, AlignError):
-                    self.stacker.unaligned(light, error)
+                    if last_try:
+                        self.stacker.unaligned(light, error)
+                    else:
+                        missed.append(light)
                 elif error is not None:
                     raise error
                 else:
                     self.stacker.record_placed(light, ref, value)
+        return missed
 
     def ingest_many(self, paths: list[Path], *, progress: Callable[[], None] | None = None) -> None:
         """Ingest files in order, reading and hashing them on the workers; a filter written several ways is filed

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from astropy.io import fits
 from nightshift.daemon.archive import now_iso
 from nightshift.daemon.config import GradingConfig, StackingConfig
@@ -61,6 +62,8 @@ __all__ = [
 STACK_PREVIEW_SECONDS = 60.0
 #: A frame this many times better than the current alignment reference becomes the reference.
 REBASE_FACTOR = 1.5
+#: Members tried as bridges for a frame the reference alone does not match.
+MAX_BRIDGES = 6
 
 log = logging.getLogger("nightshift.stack")
 
@@ -101,6 +104,9 @@ class AlignJob:
     stars: dict[str, Any] | None = None
     reference_stars: dict[str, Any] | None = None
     reference_calibrated: Path | None = None
+    #: Frames already on the reference's grid to match through when the reference itself shares too few stars
+    #: with this frame (a large dither, a sparse field): {"stars": star list dict, "transform": member -> reference}.
+    bridges: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -183,15 +189,30 @@ def compute_align(job: AlignJob) -> AlignResult:
             guess = None
             if job.reference_calibrated is not None:
                 guess = wcs_transform(img.header, fits.getheader(job.reference_calibrated), img.data.shape)
-            transform = find_transform(
-                StarList.from_dict(job.stars), StarList.from_dict(job.reference_stars), guess=guess
-            )
+            stars = StarList.from_dict(job.stars)
+            try:
+                transform = find_transform(stars, StarList.from_dict(job.reference_stars), guess=guess)
+            except AlignError as exc:
+                transform = _through_bridges(stars, job.bridges, exc)
         if transform.method == "identity":
             aligned = img  # the reference itself: its own pixels
         else:
             aligned = apply_transform(img, transform, job.shape, interpolation=job.interpolation)
         write_fits_atomic(job.aligned, aligned)
     return AlignResult(job.aligned, transform.to_dict(), timings)
+
+
+def _through_bridges(stars: StarList, bridges: list[dict[str, Any]], failure: AlignError) -> Transform:
+    """The frame matched to a member already on the reference's grid, composed with that member's transform: a
+    frame whose stars overlap the reference's too little still overlaps one of the group. Raises ``failure``
+    when no member matches either."""
+    for bridge in bridges:
+        try:
+            onto_member = find_transform(stars, StarList.from_dict(bridge["stars"]))
+        except AlignError:
+            continue
+        return compose(Transform.from_dict(bridge["transform"]), onto_member)
+    raise failure
 
 
 class Stacker:
@@ -298,6 +319,7 @@ class Stacker:
                 raise AlignError("the reference frame has no star list")
             job = self._align_job(frame, ref)
             job.stars, job.reference_stars = grade.stars.to_dict(), ref_grade.stars.to_dict()
+            job.bridges = self._bridges(frame, ref)
         self._record_align(frame, ref, compute_align(job))
 
     def _align_job(self, frame: dict[str, Any], ref: dict[str, Any], transform: Transform | None = None) -> AlignJob:
@@ -486,9 +508,13 @@ class Stacker:
         ref, job = self.align_job(frame)
         try:
             result = compute_align(job)
-        except AlignError as exc:
-            self.unaligned(frame, exc)
-            return
+        except AlignError:
+            ref, job = self.align_job(frame, bridges=True)
+            try:
+                result = compute_align(job)
+            except AlignError as exc:
+                self.unaligned(frame, exc)
+                return
         self.record_placed(frame, ref, result)
 
     def place(self, frame: dict[str, Any]) -> bool:
@@ -511,8 +537,9 @@ class Stacker:
             self._rebase(frame, grade, ref)
         return True
 
-    def align_job(self, frame: dict[str, Any]) -> tuple[dict[str, Any], AlignJob]:
-        """The alignment of an accepted light onto its (night, object, filter)'s reference, as plain data."""
+    def align_job(self, frame: dict[str, Any], *, bridges: bool = False) -> tuple[dict[str, Any], AlignJob]:
+        """The alignment of an accepted light onto its (night, object, filter)'s reference, as plain data; with
+        ``bridges``, also through the members already aligned (for a frame the reference alone did not match)."""
         ref = self._reference(frame)
         assert ref is not None, "place() made the reference"
         if ref["id"] == frame["id"]:
@@ -520,7 +547,26 @@ class Stacker:
         grade, ref_grade = self._ensure_graded(frame), self._ensure_graded(ref)
         job = self._align_job(frame, ref)
         job.stars, job.reference_stars = grade.stars.to_dict(), ref_grade.stars.to_dict()
+        if bridges:
+            job.bridges = self._bridges(frame, ref)
         return ref, job
+
+    def _bridges(self, frame: dict[str, Any], ref: dict[str, Any]) -> list[dict[str, Any]]:
+        """Members of the frame's (night, object, filter) aligned onto ``ref``, farthest from it first (a frame
+        the reference does not reach is likely dithered far from it), at most :data:`MAX_BRIDGES`."""
+        rows = self.archive.query(
+            "SELECT * FROM frames WHERE night = ? AND object IS ? AND filter IS ? AND kind = 'light' "
+            "AND status = 'stacked' AND align_ref_id = ? AND id NOT IN (?, ?) AND align_transform IS NOT NULL",
+            [frame["night"], frame["object"], frame["filter"], ref["id"], frame["id"], ref["id"]],
+        )
+        found = []
+        for row in rows:
+            transform = Transform.from_dict(json.loads(row["align_transform"]))
+            grade = self._grade_of(row)
+            if grade is not None and len(grade.stars) >= 3:
+                found.append((float(np.hypot(*transform.matrix[:2, 2])), transform, grade))
+        found.sort(key=lambda item: -item[0])
+        return [{"stars": g.stars.to_dict(), "transform": t.to_dict()} for _, t, g in found[:MAX_BRIDGES]]
 
     def unaligned(self, frame: dict[str, Any], exc: AlignError) -> None:
         why = f"unaligned: {exc}"
@@ -593,7 +639,7 @@ class Stacker:
         final combine to compute; None when no frame survived (the stack is dropped)."""
         group = self.archive.query(
             f"SELECT * FROM frames WHERE {_GROUP} AND n_stars IS NOT NULL AND status IN ('stacked', 'rejected') "
-            "AND (reason IS NULL OR reason NOT LIKE 'unaligned:%') ORDER BY id",
+            "ORDER BY id",
             [stack["night"], stack["object"], stack["filter"], stack["exptime"]],
         )
         ref = self.archive.frame(stack["reference_frame_id"])
@@ -616,12 +662,18 @@ class Stacker:
                     )
                     log.info("rejected %s on the whole group: %s", f["path"], reason)
                 continue
-            if not f.get("aligned_path") or (f.get("align_ref_id") not in (None, ref["id"])):
-                try:  # never aligned, or aligned onto an earlier reference while it was out of the stack
+            unaligned = f["status"] == "rejected" and (f["reason"] or "").startswith("unaligned:")
+            if unaligned or not f.get("aligned_path") or (f.get("align_ref_id") not in (None, ref["id"])):
+                # never aligned, aligned onto an earlier reference while out of the stack, or not matched while
+                # the group was smaller: one more try, through every member now on the reference's grid
+                try:
                     self._align(f, grade, ref)
                 except AlignError as exc:
-                    self.archive.set_status(f["id"], "rejected", f"unaligned: {exc}", stack_id=None)
+                    if not unaligned:
+                        self.archive.set_status(f["id"], "rejected", f"unaligned: {exc}", stack_id=None)
                     continue
+                if unaligned:
+                    self.archive.event("align", "aligned", "matched through the group at the end", frame_id=f["id"])
                 f = self.archive.frame(f["id"])
             accepted.append(f)
         self.live_stacks.pop(stack["id"], None)
