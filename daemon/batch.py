@@ -66,6 +66,7 @@ def reduce_folders(
             raise NotADirectoryError(f"not a folder: {folder}")
         files += scan_folder(folder, w.include, w.exclude)
     files.sort(key=lambda p: (p.stat().st_mtime if p.exists() else 0.0, str(p)))
+    pipeline.check_storage(files, folders)
     log.info("reduce: %d file(s) in %s", len(files), ", ".join(map(str, folders)))
     t0 = time.monotonic()
     progress = Progress("ingest", len(files)) if show_progress else None
@@ -114,10 +115,11 @@ def reprocess(
         where.append("id = ?")
         args.append(frame_id)
     a = pipeline.archive
-    rows = a.query(f"SELECT id, stack_id, night FROM frames WHERE {' AND '.join(where)}", args)
+    rows = a.query(f"SELECT id, path, stack_id, night FROM frames WHERE {' AND '.join(where)}", args)
     ids = [r["id"] for r in rows]
     if not ids:
         return 0
+    pipeline.check_storage([Path(r["path"]) for r in rows])
     marks = ",".join("?" * len(ids))
     with a.transaction():
         stacks = {r["stack_id"] for r in rows if r["stack_id"]}

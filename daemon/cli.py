@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.daemon.config import Config, ConfigError, load_config
+from nightshift.daemon.executor import Executor, ExecutorError
+from nightshift.daemon.storagecheck import SharedStorageError
 from nightshift.service.simulate import DIALECTS, OBSERVATORY, TIME_CONVENTIONS
 
 __all__ = ["main"]
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="files read, hashed, combined and calibrated at once (default: the number of cores)",
     )
+    _dask_option(p)
 
     p = sub.add_parser("status", help="what the archive holds: counts, queue, last frame")
     _common(p)
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--night")
     p.add_argument("--object")
     p.add_argument("--frame", type=int, help="frame id")
+    _dask_option(p)
 
     p = sub.add_parser("report", help="write the HTML page of a night")
     _common(p)
@@ -121,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--log-format", choices=["text", "json"])
     return parser
+
+
+def _dask_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="compute on a Dask cluster: a scheduler (tcp://host:8786) or local:N, N worker processes here; "
+        "workers must see the folders and the archive at the same paths (overrides [processing] dask)",
+    )
 
 
 def _listing(p: argparse.ArgumentParser) -> None:
@@ -182,6 +195,8 @@ def _config(args: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = 
         overrides.setdefault("logging", {})["level"] = args.log_level
     if getattr(args, "log_format", None):
         overrides.setdefault("logging", {})["format"] = args.log_format
+    if getattr(args, "dask", None):
+        overrides.setdefault("processing", {})["dask"] = args.dask
     return load_config(args.config, overrides=overrides)
 
 
@@ -279,6 +294,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except (FileNotFoundError, NotADirectoryError) as exc:
         print(f"nightshift: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except (ExecutorError, SharedStorageError) as exc:
+        print(f"nightshift: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
     except BrokenPipeError:
@@ -332,12 +350,23 @@ def _cmd_run(args: argparse.Namespace, config: Config) -> int:
     return daemon.run()
 
 
-def _open(config: Config, *, create: bool = True, workers: int = 1):
+def _open(config: Config, *, create: bool = True, workers: int = 1, executor: Executor | None = None):
     from nightshift.daemon.archive import Archive
     from nightshift.daemon.pipeline import Pipeline
 
     archive = Archive(config.archive_path, create=create)
-    return archive, Pipeline(config, archive, workers=workers)
+    return archive, Pipeline(config, archive, workers=workers, executor=executor)
+
+
+def _dask(config: Config) -> Executor | None:
+    """The Dask cluster of ``[processing] dask`` (``--dask``), connected, said on stderr; None: local threads."""
+    if not config.processing.dask:
+        return None
+    from nightshift.daemon.executor import DaskExecutor
+
+    executor = DaskExecutor.connect(config.processing.dask)
+    print(f"[dask] {executor.describe()}", file=sys.stderr, flush=True)
+    return executor
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -349,12 +378,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _cmd_reduce(args: argparse.Namespace, config: Config) -> int:
     from nightshift.daemon.batch import reduce_folders
 
-    archive, pipeline = _open(config, workers=max(1, args.workers))
+    executor = _dask(config)
     try:
-        summary = reduce_folders(pipeline, [f.absolute() for f in args.folders], show_progress=not args.json)
+        archive, pipeline = _open(config, workers=max(1, args.workers), executor=executor)
+        try:
+            summary = reduce_folders(pipeline, [f.absolute() for f in args.folders], show_progress=not args.json)
+        finally:
+            pipeline.close()
+            archive.close()
     finally:
-        pipeline.close()
-        archive.close()
+        if executor is not None:
+            executor.close()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -458,12 +492,18 @@ def _cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
     if not (args.night or args.object or args.frame is not None):
         print("nightshift: reprocess needs --night, --object or --frame", file=sys.stderr)
         return EXIT_USAGE
-    archive, pipeline = _open(config, create=False)
+    executor = _dask(config)
     try:
-        n = reprocess(pipeline, night=args.night, obj=args.object, frame_id=args.frame)
-        summary = pipeline.summary()
+        archive, pipeline = _open(config, create=False, executor=executor)
+        try:
+            n = reprocess(pipeline, night=args.night, obj=args.object, frame_id=args.frame)
+            summary = pipeline.summary()
+        finally:
+            pipeline.close()
+            archive.close()
     finally:
-        archive.close()
+        if executor is not None:
+            executor.close()
     print(f"reprocessed {n} light(s)")
     _print_summary(summary)
     return EXIT_OK

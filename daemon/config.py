@@ -126,6 +126,7 @@ class StackingConfig:
 @dataclass
 class ProcessingConfig:
     workers: int = 1
+    dask: str = ""
 
 
 @dataclass
@@ -323,6 +324,15 @@ def _validate(cfg: Config) -> None:
         raise _expect("[processing] workers", "a whole number from 1 to 64", cfg.processing.workers)
     if cfg.report.interval_seconds < 0:
         raise _expect("[report] interval_seconds", "a number >= 0", cfg.report.interval_seconds)
+    if cfg.processing.dask:
+        from nightshift.daemon.executor import parse_dask_address
+
+        try:
+            parse_dask_address(cfg.processing.dask)
+        except ValueError:
+            raise _expect(
+                "[processing] dask", '"", "local:N" or a scheduler address like "tcp://host:8786"', cfg.processing.dask
+            ) from None
     parse_listen(cfg.metrics.listen)
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise _expect("[logging] level", "debug, info, warning or error", cfg.logging.level)

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.daemon.archive import Archive
-from nightshift.daemon.workspace import Workspace
+from nightshift.daemon.workspace import Timings, Workspace
 from nightshift.service.classify import ClassifyOptions
 from nightshift.service.filters import filter_key, most_used_spelling
 from nightshift.service.fitsio import sha256_file, write_bytes_atomic
 from nightshift.service.frame import OTHER_KIND, FrameError, FrameMeta
 from nightshift.service.inspect import inspect_frame
 
-__all__ = ["Examined", "FilterNames", "examine", "quarantine", "record", "settled"]
+__all__ = ["Examined", "FileJob", "FilterNames", "examine", "quarantine", "record", "settled"]
 
 log = logging.getLogger("nightshift.ingest")
 
@@ -51,6 +51,16 @@ def quarantine(ws: Workspace, row: dict[str, Any], error: FrameError) -> int:
 
 
 @dataclass
+class FileJob:
+    """One settled file to examine, as plain data: where it is, its size and time, and the header words."""
+
+    path: Path
+    size: int
+    mtime: float
+    options: ClassifyOptions
+
+
+@dataclass
 class Examined:
     """What reading one file found: its metadata, or why it cannot be used. Made without the archive."""
 
@@ -60,20 +70,23 @@ class Examined:
     sha256: str | None = None
     meta: FrameMeta | None = None
     error: FrameError | None = None
+    timings: Timings = field(default_factory=Timings)
 
 
-def examine(path: Path, size: int, mtime: float, options: ClassifyOptions) -> Examined:
-    """Hash and inspect one file (only reads it; safe to run on a worker thread). Never raises for bad input."""
-    ex = Examined(path, size, mtime)
-    try:
-        ex.sha256 = sha256_file(path)
-    except OSError as exc:
-        ex.error = FrameError("unreadable", f"cannot read the file: {exc.strerror or exc}")
-        return ex
-    try:
-        ex.meta = inspect_frame(path, options=options, sha256=ex.sha256)
-    except FrameError as exc:
-        ex.error = exc
+def examine(job: FileJob) -> Examined:
+    """Hash and inspect one file (only reads it; a worker thread or a Dask worker can run it). Never raises for
+    bad input."""
+    ex = Examined(job.path, job.size, job.mtime)
+    with ex.timings.stage("ingest"):
+        try:
+            ex.sha256 = sha256_file(job.path)
+        except OSError as exc:
+            ex.error = FrameError("unreadable", f"cannot read the file: {exc.strerror or exc}")
+            return ex
+        try:
+            ex.meta = inspect_frame(job.path, options=job.options, sha256=ex.sha256)
+        except FrameError as exc:
+            ex.error = exc
     return ex
 
 
@@ -131,6 +144,7 @@ class FilterNames:
 def record(ws: Workspace, ex: Examined, names: FilterNames | None = None) -> int | None:
     """Record what ``examine`` found: a frame, a duplicate, a frame set aside (``ignored``), or a quarantined file.
     Returns the frame id, or None when the archive already held this content at this path."""
+    ws.observe(ex.timings)
     spath = str(ex.path)
     base = {"path": spath, "size_bytes": ex.size, "mtime": ex.mtime, "sha256": ex.sha256}
     existing = ws.archive.frame_by_path(spath)

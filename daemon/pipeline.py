@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -22,11 +21,13 @@ from nightshift.daemon.archive import Archive
 from nightshift.daemon.calibrating import compute_light, plan_light, record_light, refuse_light
 from nightshift.daemon.calsets import CAL_KINDS, CalibrationSets, compute_master
 from nightshift.daemon.config import Config
-from nightshift.daemon.intake import Examined, FilterNames, examine, quarantine, record, settled
+from nightshift.daemon.executor import Done, Executor, LocalExecutor, in_order
+from nightshift.daemon.intake import FileJob, FilterNames, examine, quarantine, record, settled
 from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.metrics import Metrics
-from nightshift.daemon.products import Layout
+from nightshift.daemon.products import COMPUTED_FOLDERS, Layout
 from nightshift.daemon.stacking import AlignJob, Stacker, compute_align, compute_final, compute_grade
+from nightshift.daemon.storagecheck import make_probe
 from nightshift.daemon.workspace import Workspace
 from nightshift.service.calibrate import CalibrationError
 from nightshift.service.classify import ClassifyOptions
@@ -38,14 +39,6 @@ from nightshift.service.register import AlignError
 __all__ = ["MAX_TRIES", "Pipeline"]
 
 
-def _run(fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]:
-    """Call ``fn`` and hand back its result or its exception (so one failure does not hide the others)."""
-    try:
-        return fn(*args), None
-    except Exception as exc:
-        return None, exc
-
-
 log = logging.getLogger("nightshift.pipeline")
 
 #: A frame whose step fails unexpectedly this many times is quarantined as a processing error.
@@ -55,12 +48,20 @@ MAX_TRIES = 3
 class Pipeline:
     """The science applied to the archive: ingest files, build masters, calibrate, grade, align and stack."""
 
-    def __init__(self, config: Config, archive: Archive, metrics: Metrics | None = None, *, workers: int = 1) -> None:
-        """``workers`` > 1 reads, hashes and calibrates that many files at once on threads (numpy, FITS I/O,
-        hashing and PNG encoding release the GIL); the archive is only ever touched from the calling thread."""
+    def __init__(
+        self,
+        config: Config,
+        archive: Archive,
+        metrics: Metrics | None = None,
+        *,
+        workers: int = 1,
+        executor: Executor | None = None,
+    ) -> None:
+        """Compute steps (reading, hashing, combining, calibrating) run on ``executor`` (the caller closes it), or
+        else on ``workers`` threads of this process; the archive is only ever touched from the calling thread."""
         self.config = config
-        self.workers = max(1, workers)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="worker") if self.workers > 1 else None
+        self.executor = executor if executor is not None else LocalExecutor(workers)
+        self._owns_executor = executor is None
         self.archive = archive
         self.metrics = metrics or Metrics()
         self.layout = Layout(archive.root)
@@ -100,7 +101,9 @@ class Pipeline:
         path = Path(path).absolute()
         try:
             found = settled(self.ws, path, size, mtime)
-            return None if found is None else record(self.ws, self._examine(path, *found), self.filter_names)
+            return None if found is None else record(
+                self.ws, examine(FileJob(path, *found, self.classify_options)), self.filter_names
+            )
         except Exception as exc:
             return self._ingest_failed(path, exc)
 
@@ -159,7 +162,7 @@ class Pipeline:
             return True
         lights = self.archive.query(
             "SELECT * FROM frames WHERE kind = 'light' AND status = 'ingested' ORDER BY date_obs, id LIMIT ?",
-            [4 * self.workers],
+            [4 * self.executor.slots],
         )
         if lights:
             self.calibrate_lights(lights)
@@ -171,9 +174,9 @@ class Pipeline:
             )
             if self.calibrate_lights(pending):
                 return True
-        calibrated = self.archive.query(
+        calibrated = self.archive.query(  # as many as a local run with as many threads takes: the same decisions
             "SELECT * FROM frames WHERE kind = 'light' AND status = 'calibrated' ORDER BY date_obs, id LIMIT ?",
-            [4 * self.workers],
+            [4 * self.executor.slots],
         )
         if calibrated:
             self.stack_lights(calibrated)
@@ -197,24 +200,24 @@ class Pipeline:
                         if plan is not None:
                             plans.append(plan)
             if plans:
-                results = self._map(compute_master, plans)
                 done = 0
-                for plan, (value, error) in zip(plans, results, strict=True):
-                    with self._guard("master", plan.calset.new_frames):
-                        if error is not None:
-                            raise error
-                        self.sets.record(plan, value)
+                # in plan order: the masters' ids (named in the notes of what they calibrate) do not depend on
+                # which worker finished first, and the next kind waits for this one anyway
+                for d in self._map(compute_master, plans, ordered=True):
+                    with self._guard("master", d.item.calset.new_frames):
+                        if d.error is not None:
+                            raise d.error
+                        self.sets.record(d.item, d.value)
                         self.masters_changed = True
                         done += 1
                 return done
         return 0
 
-    def _map(self, fn: Callable[..., Any], items: list[Any]) -> list[tuple[Any, Exception | None]]:
-        """``fn(item)`` for each item, on the workers when there are several; results (or errors) in order."""
-        if self._pool is None or len(items) < 2:
-            return [_run(fn, item) for item in items]
-        futures = [self._pool.submit(_run, fn, item) for item in items]
-        return [f.result() for f in futures]
+    def _map(self, fn: Callable[[Any], Any], items: list[Any], *, ordered: bool = False) -> Iterator[Done]:
+        """``fn(item)`` for each item on the executor; each result (or error) as it comes back, or with
+        ``ordered`` in the items' order, each as soon as those before it are back."""
+        done = self.executor.as_completed(fn, items)
+        return in_order(done) if ordered else done
 
     def calibrate_lights(self, lights: list[dict[str, Any]]) -> int:
         """Calibrate the lights whose masters exist (on the workers, if any); returns how many were calibrated."""
@@ -224,16 +227,15 @@ class Pipeline:
                 job = plan_light(self.ws, self.config.calibration, light, end_of_night=self.night_ended(light["night"]))
                 if job is not None:
                     jobs.append(job)
-        results = self._map(compute_light, jobs)
         done = 0
-        for job, (value, error) in zip(jobs, results, strict=True):
-            with self._guard("calibrate", [job.frame]):
-                if isinstance(error, CalibrationError):
-                    refuse_light(self.ws, job.frame, error)
-                elif error is not None:
-                    raise error
+        for d in self._map(compute_light, jobs):
+            with self._guard("calibrate", [d.item.frame]):
+                if isinstance(d.error, CalibrationError):
+                    refuse_light(self.ws, d.item.frame, d.error)
+                elif d.error is not None:
+                    raise d.error
                 else:
-                    record_light(self.ws, job, value)
+                    record_light(self.ws, d.item, d.value)
                     done += 1
         return done
 
@@ -247,11 +249,12 @@ class Pipeline:
                 job = self.stacker.grade_job(light)
                 if job is not None:
                     jobs.append((light, job))
-        for (light, _), (value, error) in zip(jobs, self._map(compute_grade, [j for _, j in jobs]), strict=True):
+        for d in self._map(compute_grade, [j for _, j in jobs], ordered=True):
+            light = jobs[d.index][0]
             with self._guard("stack", [light]):
-                if error is not None:
-                    raise error
-                self.stacker.record_grade(light, value)
+                if d.error is not None:
+                    raise d.error
+                self.stacker.record_grade(light, d.value)
         accepted = []
         for light in lights:
             with self._guard("stack", [light]):
@@ -276,23 +279,24 @@ class Pipeline:
         """Align on the workers and record; the lights that matched nothing (rejected as unaligned on the last
         try, returned otherwise)."""
         missed = []
-        results = self._map(compute_align, [job for _, _, job in aligns])
-        for (light, ref, _), (value, error) in zip(aligns, results, strict=True):
+        for d in self._map(compute_align, [job for _, _, job in aligns], ordered=True):
+            light, ref, _ = aligns[d.index]
             with self._guard("stack", [light]):
-                if isinstance(error, AlignError):
+                if isinstance(d.error, AlignError):
                     if last_try:
-                        self.stacker.unaligned(light, error)
+                        self.stacker.unaligned(light, d.error)
                     else:
                         missed.append(light)
-                elif error is not None:
-                    raise error
+                elif d.error is not None:
+                    raise d.error
                 else:
-                    self.stacker.record_placed(light, ref, value)
+                    self.stacker.record_placed(light, ref, d.value)
         return missed
 
     def ingest_many(self, paths: list[Path], *, progress: Callable[[], None] | None = None) -> None:
-        """Ingest files in order, reading and hashing them on the workers; a filter written several ways is filed
-        under the batch's most used spelling (unless the archive already has one)."""
+        """Ingest files in order, reading and hashing them on the executor's workers, then recording each in the
+        order given (frame ids follow it, as the daemon's follow the order of arrival); a filter written several
+        ways is filed under the batch's most used spelling (unless the archive already has one)."""
         todo = []
         for path in paths:
             path = Path(path).absolute()
@@ -302,28 +306,27 @@ class Pipeline:
                 self._ingest_failed(path, exc)
                 continue
             if found is not None:
-                todo.append((path, found))
-        if self._pool is None:
-            examined = [_run(self._examine, path, *found) for path, found in todo]
-        else:
-            examined = [
-                f.result() for f in [self._pool.submit(_run, self._examine, path, *found) for path, found in todo]
-            ]
+                todo.append(FileJob(path, *found, self.classify_options))
+        examined = list(self._map(examine, todo, ordered=True))
         names = FilterNames(keep_case=self.filter_names.keep_case)
-        names.prefer(ex.meta.filter for ex, _error in examined if ex is not None and ex.meta is not None)
-        for (path, _found), (ex, error) in zip(todo, examined, strict=True):
+        names.prefer(d.value.meta.filter for d in examined if d.value is not None and d.value.meta is not None)
+        for d in examined:
             try:
-                if error is not None:
-                    raise error
-                record(self.ws, ex, names)
+                if d.error is not None:
+                    raise d.error
+                record(self.ws, d.value, names)
             except Exception as exc:
-                self._ingest_failed(path, exc)
+                self._ingest_failed(d.item.path, exc)
             if progress is not None:
                 progress()
 
-    def _examine(self, path: Path, size: int, mtime: float) -> Examined:
-        with self.metrics.stage("ingest"):
-            return examine(path, size, mtime, self.classify_options)
+    def check_storage(self, raw_files: list[Path], raw_folders: list[Path] | None = None) -> None:
+        """Stop (``SharedStorageError``) unless the executor's workers read the raw files and folders and read and
+        write the archive's product folders at the same paths as this process (nothing to check for threads)."""
+        if not self.executor.remote:
+            return
+        writable = [self.layout.root / name for name in COMPUTED_FOLDERS]
+        self.executor.check_storage(make_probe(self.layout.root, raw_files, raw_folders or [], writable))
 
     def forget(self) -> None:
         """Drop what is held in memory (live stacks, masters): after the archive changed under us (reprocess)."""
@@ -331,8 +334,9 @@ class Pipeline:
         MASTERS.clear()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        """Release the threads this pipeline started (an executor given to it is the caller's to close)."""
+        if self._owns_executor:
+            self.executor.close()
 
     def run_until_idle(self, *, progress: Callable[[], None] | None = None) -> int:
         steps = 0
@@ -362,11 +366,11 @@ class Pipeline:
                         job = self.stacker.plan_final(stack)
                         if job is not None:
                             jobs.append(job)
-                for job, (value, error) in zip(jobs, self._map(compute_final, jobs), strict=True):
+                for d in self._map(compute_final, jobs, ordered=True):
                     with self._guard("stack", []):
-                        if error is not None:
-                            raise error
-                        self.stacker.record_final(job, value)
+                        if d.error is not None:
+                            raise d.error
+                        self.stacker.record_final(d.item, d.value)
                     if progress is not None:
                         progress()
         finally:

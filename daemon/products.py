@@ -14,7 +14,7 @@ from typing import Any
 from nightshift.service.readout import Readout
 from nightshift.service.safepath import safe_component, safe_join
 
-__all__ = ["Layout", "product_shape"]
+__all__ = ["COMPUTED_FOLDERS", "FOLDERS", "Layout", "product_shape"]
 
 log = logging.getLogger("nightshift.products")
 
@@ -34,6 +34,8 @@ _RAW_SUFFIXES = (
 )
 
 FOLDERS = ("masters", "calibrated", "aligned", "stacks", "previews", "quarantine", "reports")
+#: The folders compute steps write to, wherever they run (a Dask worker too); the archive's owner writes the rest.
+COMPUTED_FOLDERS = ("masters", "calibrated", "aligned", "stacks", "previews")
 
 
 def _exp(exptime: float | None) -> str:

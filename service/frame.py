@@ -49,6 +49,10 @@ class FrameError(Exception):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[FrameError], tuple[str, str]]:
+        # pickled with both arguments: a frame's error travels back from a worker process
+        return (FrameError, (self.reason, self.message))
+
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"
 

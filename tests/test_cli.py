@@ -64,6 +64,7 @@ def test_documented_default_config_equals_the_built_in_defaults() -> None:
         ("[calibration]\nmin_frames = { bias = 0 }", "[calibration] min_frames.bias", "at least 1"),
         ("[calibration]\nmatch_keys = ['colour']", "[calibration] match_keys", "names from"),
         ("[metrics]\nlisten = 'localhost'", "[metrics] listen", "HOST:PORT"),
+        ("[processing]\ndask = 'localhost:8786'", "[processing] dask", '"local:N" or a scheduler address'),
         ("[logging]\nlevel = 'loud'", "[logging] level", "debug, info"),
         ("[watch\n", "not valid TOML", ""),
     ],

@@ -1,0 +1,317 @@
+"""Where compute runs: on this process's threads (the default), or on the workers of a Dask cluster.
+
+The pipeline plans on the archive's thread, hands each compute step (plain data in, plain data out; it writes
+only its own products, atomically, under names fixed by the plan) to an :class:`Executor`, and records every
+result on the archive's thread as it comes back. Both executors offer the same map,
+:meth:`Executor.as_completed`: it keeps a window of tasks running (so workers never wait while the archive
+records) and yields each :class:`Done` in completion order; :func:`in_order` gives them back in the order of the
+items, each as soon as those before it are back, where the archive's ids must follow that order.
+
+:class:`LocalExecutor` runs on a thread pool (one worker: inline, in order). :class:`DaskExecutor` submits to a
+``dask.distributed`` scheduler (``tcp://host:8786``) or to a ``LocalCluster`` of worker processes it starts
+(``local:N``). A worker lost mid-run costs only its tasks: the scheduler runs them again on another worker (up to
+``distributed.scheduler.allowed-failures`` times, then the task fails with ``KilledWorker`` and the pipeline's
+guard counts it like any other failure). Tasks are not retried on exceptions (``retries`` stays 0): an exception
+is a decision (a refused calibration, a quarantined file) or a bug that the pipeline counts and records itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, NamedTuple
+
+from nightshift.daemon.storagecheck import SharedStorageError, StorageProbe, check_storage, remove_probe
+
+__all__ = [
+    "DaskExecutor",
+    "Done",
+    "Executor",
+    "ExecutorError",
+    "LocalExecutor",
+    "in_order",
+    "parse_dask_address",
+]
+
+log = logging.getLogger("nightshift.executor")
+
+#: ``local:N`` or ``scheme://host:port``.
+_LOCAL = re.compile(r"^local:(\d+)$")
+_REMOTE = re.compile(r"^[a-z][a-z0-9+]*://\S+:\d+$")
+#: How long a client waits for the scheduler to answer, and for a first worker to join it.
+CONNECT_SECONDS = 30.0
+WORKER_WAIT_SECONDS = 60.0
+#: Tasks in flight per thread of the workers: one running, one queued behind it.
+WINDOW_PER_SLOT = 2
+SHARED_STORAGE_HINT = "every worker must reach the raw folders and the archive at the same paths (shared storage)"
+
+
+class ExecutorError(RuntimeError):
+    """The executor cannot run: Dask not installed, no scheduler at the address, no worker joined."""
+
+
+class Done(NamedTuple):
+    """One finished task: the item's position in the map, the item, and its result or its exception."""
+
+    index: int
+    item: Any
+    value: Any
+    error: Exception | None
+
+
+def parse_dask_address(address: str) -> tuple[str, int | None]:
+    """``"local:N"`` -> ("local", N); ``"tcp://host:port"`` -> (address, None); anything else: ValueError."""
+    text = address.strip()
+    m = _LOCAL.match(text)
+    if m:
+        n = int(m.group(1))
+        if not 1 <= n <= 256:
+            raise ValueError(f"local:N needs N from 1 to 256, got {n}")
+        return "local", n
+    if _REMOTE.match(text):
+        return text, None
+    raise ValueError(f'expected "local:N" or a scheduler address like "tcp://host:8786", got {address!r}')
+
+
+def _run(fn: Callable[[Any], Any], item: Any) -> tuple[Any, Exception | None]:
+    """Call ``fn(item)`` and hand back its result or its exception (one failure does not hide the others)."""
+    try:
+        return fn(item), None
+    except Exception as exc:
+        return None, exc
+
+
+def in_order(done: Iterable[Done]) -> Iterator[Done]:
+    """``done`` (indices 0..n-1, in any order) in the order of the items, each as soon as those before it are."""
+    waiting: dict[int, Done] = {}
+    nxt = 0
+    for d in done:
+        waiting[d.index] = d
+        while nxt in waiting:
+            yield waiting.pop(nxt)
+            nxt += 1
+
+
+class Executor:
+    """Runs compute steps; ``slots`` is how many run at once (the pipeline sizes its batches by it); ``remote``
+    when they run in other processes, maybe on other machines, which must share the storage."""
+
+    slots: int = 1
+    remote: bool = False
+
+    def as_completed(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Done]:
+        """``fn(item)`` for every item; each :class:`Done` as it finishes (results or exceptions, never raised)."""
+        raise NotImplementedError
+
+    def check_storage(self, probe: StorageProbe) -> None:
+        """Stop with :class:`SharedStorageError` unless every worker reaches what ``probe`` names."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the workers (and a cluster this executor started)."""
+
+
+class LocalExecutor(Executor):
+    """Threads of this process (numpy, FITS I/O, hashing and PNG encoding release the GIL); 1 = inline."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.slots = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="worker") if self.slots > 1 else None
+
+    def describe(self) -> str:
+        return f"{self.slots} thread(s) of this process"
+
+    def as_completed(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Done]:
+        if self._pool is None or len(items) < 2:
+            for i, item in enumerate(items):
+                yield Done(i, item, *_run(fn, item))
+            return
+        pool, todo = self._pool, iter(enumerate(items))
+        running: dict[Future, tuple[int, Any]] = {}
+
+        def top_up() -> None:
+            while len(running) < WINDOW_PER_SLOT * self.slots and (nxt := next(todo, None)) is not None:
+                running[pool.submit(_run, fn, nxt[1])] = nxt
+
+        try:
+            top_up()
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in sorted(finished, key=lambda f: running[f][0]):
+                    i, item = running.pop(fut)
+                    top_up()
+                    yield Done(i, item, *fut.result())
+        finally:
+            for fut in running:
+                fut.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _task(probe: StorageProbe | None, fn: Callable[[Any], Any], item: Any) -> Any:
+    """What a Dask worker runs: check once that it reaches the shared storage, then ``fn(item)``."""
+    if probe is not None:
+        why = check_storage(probe)
+        if why is not None:
+            from distributed import get_worker
+
+            raise SharedStorageError(f"dask worker {get_worker().address} {why}: {SHARED_STORAGE_HINT}")
+    return fn(item)
+
+
+def _quiet_dask_logs() -> None:
+    """Dask's own loggers through nightshift's handler (its format, text or JSON), at warning: a scheduler's and
+    its workers' start and stop are not news; a worker lost is."""
+    for name in ("distributed", "dask"):
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.propagate = True
+        logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+
+
+class DaskExecutor(Executor):
+    """Tasks on a ``dask.distributed`` cluster; the client (this process) keeps the archive.
+
+    Use :meth:`connect`. ``client`` is a connected ``distributed.Client``; ``cluster`` a ``LocalCluster`` this
+    executor started and closes.
+    """
+
+    remote = True
+
+    def __init__(self, client: Any, cluster: Any = None, *, address: str = "") -> None:
+        self.client = client
+        self.cluster = cluster
+        self.address = address or client.scheduler.address
+        self.probe: StorageProbe | None = None
+        self._slots = 1
+        self._counted = 0.0
+        self._count_threads()
+
+    @classmethod
+    def connect(
+        cls, address: str, *, timeout: float = CONNECT_SECONDS, wait_seconds: float = WORKER_WAIT_SECONDS
+    ) -> DaskExecutor:
+        """Connect to the scheduler at ``address`` (waiting ``timeout`` seconds for it to answer and
+        ``wait_seconds`` for a first worker), or start ``local:N`` (N worker processes, one thread each)."""
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise ExecutorError("--dask needs Dask's distributed scheduler: pip install 'nightshift[dask]'") from None
+        _quiet_dask_logs()
+        where, n = parse_dask_address(address)
+        cluster = None
+        try:
+            if n is not None:
+                cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+                client = Client(cluster)
+            else:
+                client = Client(where, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            if cluster is not None:
+                cluster.close()
+            raise ExecutorError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        try:
+            client.wait_for_workers(1, timeout=wait_seconds)
+        except TimeoutError:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+            raise ExecutorError(f"no Dask worker joined the scheduler at {address} within {wait_seconds:g} s") from None
+        return cls(client, cluster, address=client.scheduler.address)
+
+    # -- the cluster ---------------------------------------------------------------------------------------------
+    def _count_threads(self) -> None:
+        self._slots = max(1, sum(self.client.nthreads().values()))
+        self._counted = time.monotonic()
+
+    @property
+    def slots(self) -> int:  # type: ignore[override]
+        """Threads of the workers now (counted again every few seconds: workers come and go)."""
+        if time.monotonic() - self._counted > 5.0:
+            self._count_threads()
+        return self._slots
+
+    def workers(self) -> list[str]:
+        return sorted(self.client.nthreads())
+
+    def dashboard(self) -> str | None:
+        """The scheduler's dashboard, when it serves one (it needs bokeh on the scheduler's machine)."""
+        try:
+            services = self.client.scheduler_info().get("services", {})
+        except Exception:  # pragma: no cover - a scheduler that does not answer: no link, the work still fails
+            return None
+        return self.client.dashboard_link if "dashboard" in services else None
+
+    def describe(self) -> str:
+        nthreads = self.client.nthreads()
+        text = f"Dask scheduler {self.address}: {len(nthreads)} worker(s), {sum(nthreads.values())} thread(s)"
+        if self.cluster is not None:
+            text += " (a LocalCluster of worker processes)"
+        link = self.dashboard()
+        return text + (f"; dashboard {link}" if link else "; no dashboard (install bokeh where the scheduler runs)")
+
+    # -- shared storage ------------------------------------------------------------------------------------------
+    def check_storage(self, probe: StorageProbe) -> None:
+        """Ask every worker now connected to reach ``probe``'s paths; every later task checks it too (once per
+        worker process), so a worker that joins later cannot quietly read nothing or write elsewhere."""
+        if self.probe is not None and self.probe != probe:
+            remove_probe(self.probe)
+        self.probe = probe
+        answers = self.client.run(check_storage, probe)
+        for worker, why in sorted(answers.items()):
+            if why is not None:
+                raise SharedStorageError(f"dask worker {worker} {why}: {SHARED_STORAGE_HINT}")
+
+    # -- the map -------------------------------------------------------------------------------------------------
+    def as_completed(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Done]:
+        from distributed import as_completed
+
+        if not items:
+            return
+        todo = iter(enumerate(items))
+        running: dict[str, tuple[Any, int, Any]] = {}  # key -> (future, index, item)
+        futures = as_completed()
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
+
+        def top_up() -> None:
+            while len(running) < WINDOW_PER_SLOT * self.slots and (nxt := next(todo, None)) is not None:
+                fut = self.client.submit(_task, self.probe, fn, nxt[1], key=f"{name}-{uuid.uuid4().hex}", pure=False)
+                running[fut.key] = (fut, *nxt)
+                futures.add(fut)
+
+        try:
+            top_up()
+            for fut in futures:
+                _, i, item = running.pop(fut.key)
+                if fut.status == "error":  # the task raised (or killed its workers: KilledWorker): the item's
+                    value, error = None, fut.exception()
+                    if isinstance(error, SharedStorageError):
+                        raise error
+                elif fut.status == "finished":  # a failure to fetch the result is the cluster's: raised
+                    value, error = fut.result(), None
+                else:
+                    raise ExecutorError(f"the Dask cluster dropped task {fut.key} ({fut.status}): scheduler lost?")
+                fut.release()
+                top_up()
+                yield Done(i, item, value, error)
+        finally:
+            futures.clear()
+            if running:  # the caller stopped early (or failed): nobody wants these any more
+                self.client.cancel([f for f, _, _ in running.values()])
+
+    def close(self) -> None:
+        if self.probe is not None:
+            remove_probe(self.probe)
+            self.probe = None
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
