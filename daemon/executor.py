@@ -17,7 +17,9 @@ is a decision (a refused calibration, a quarantined file) or a bug that the pipe
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import re
 import time
 import uuid
@@ -35,6 +37,7 @@ __all__ = [
     "LocalExecutor",
     "in_order",
     "parse_dask_address",
+    "start_local_cluster",
 ]
 
 log = logging.getLogger("nightshift.executor")
@@ -45,8 +48,10 @@ _REMOTE = re.compile(r"^[a-z][a-z0-9+]*://\S+:\d+$")
 #: How long a client waits for the scheduler to answer, and for a first worker to join it.
 CONNECT_SECONDS = 30.0
 WORKER_WAIT_SECONDS = 60.0
-#: Tasks in flight per thread of the workers: one running, one queued behind it.
-WINDOW_PER_SLOT = 2
+#: Set by Dask's nanny in its workers' environment by default; unset for nightshift's workers (see warn_about_malloc).
+MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
+#: Short calls (``small``) sent to a Dask worker in one task: a round trip costs a few milliseconds.
+SMALL_PER_TASK = 8
 SHARED_STORAGE_HINT = "every worker must reach the raw folders and the archive at the same paths (shared storage)"
 
 
@@ -97,14 +102,23 @@ def in_order(done: Iterable[Done]) -> Iterator[Done]:
 
 
 class Executor:
-    """Runs compute steps; ``slots`` is how many run at once (the pipeline sizes its batches by it); ``remote``
-    when they run in other processes, maybe on other machines, which must share the storage."""
+    """Runs compute steps. ``slots``: how many run at once; ``in_flight_per_slot``: tasks handed out per slot (the
+    ones behind the running one hide the round trip of a result); :attr:`batch`: the work the pipeline takes in
+    one step. ``remote`` when steps run in other processes, maybe on other machines, which must share storage."""
 
     slots: int = 1
+    in_flight_per_slot: int = 2
+    batch_per_slot: int = 4
     remote: bool = False
 
-    def as_completed(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Done]:
-        """``fn(item)`` for every item; each :class:`Done` as it finishes (results or exceptions, never raised)."""
+    @property
+    def batch(self) -> int:
+        """Lights the pipeline plans and calibrates in one step."""
+        return self.batch_per_slot * self.slots
+
+    def as_completed(self, fn: Callable[[Any], Any], items: list[Any], *, small: bool = False) -> Iterator[Done]:
+        """``fn(item)`` for every item; each :class:`Done` as it finishes (results or exceptions, never raised).
+        ``small``: each call is short (tens of milliseconds), so a remote executor sends several per task."""
         raise NotImplementedError
 
     def check_storage(self, probe: StorageProbe) -> None:
@@ -127,7 +141,7 @@ class LocalExecutor(Executor):
     def describe(self) -> str:
         return f"{self.slots} thread(s) of this process"
 
-    def as_completed(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Done]:
+    def as_completed(self, fn: Callable[[Any], Any], items: list[Any], *, small: bool = False) -> Iterator[Done]:
         if self._pool is None or len(items) < 2:
             for i, item in enumerate(items):
                 yield Done(i, item, *_run(fn, item))
@@ -136,7 +150,7 @@ class LocalExecutor(Executor):
         running: dict[Future, tuple[int, Any]] = {}
 
         def top_up() -> None:
-            while len(running) < WINDOW_PER_SLOT * self.slots and (nxt := next(todo, None)) is not None:
+            while len(running) < self.in_flight_per_slot * self.slots and (nxt := next(todo, None)) is not None:
                 running[pool.submit(_run, fn, nxt[1])] = nxt
 
         try:
@@ -156,15 +170,32 @@ class LocalExecutor(Executor):
             self._pool.shutdown(wait=True)
 
 
-def _task(probe: StorageProbe | None, fn: Callable[[Any], Any], item: Any) -> Any:
-    """What a Dask worker runs: check once that it reaches the shared storage, then ``fn(item)``."""
+def _task(probe: StorageProbe | None, fn: Callable[[Any], Any], items: list[Any]) -> list[tuple[Any, Any]]:
+    """What a Dask worker runs: check once that it reaches the shared storage, then ``fn(item)`` for each item,
+    each result or exception kept apart (one item's failure is not its neighbours')."""
     if probe is not None:
         why = check_storage(probe)
         if why is not None:
             from distributed import get_worker
 
             raise SharedStorageError(f"dask worker {get_worker().address} {why}: {SHARED_STORAGE_HINT}")
-    return fn(item)
+    return [_run(fn, item) for item in items]
+
+
+def start_local_cluster(n: int, **options: Any) -> Any:
+    """A ``LocalCluster`` of ``n`` worker processes with one thread each (``local:N``), their environment without
+    ``MALLOC_TRIM_THRESHOLD_`` (see :meth:`DaskExecutor.warn_about_malloc`); the dashboard on a free port."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None}):
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, **{"dashboard_address": ":0", **options})
+
+
+def _import_compute_steps() -> None:
+    """Import every step the pipeline composes on a worker, once, when the executor connects (astropy, scipy,
+    sep: a few seconds that would otherwise delay each worker's first task)."""
+    importlib.import_module("nightshift.daemon.pipeline")
 
 
 def _quiet_dask_logs() -> None:
@@ -186,6 +217,10 @@ class DaskExecutor(Executor):
     """
 
     remote = True
+    # a result travels worker -> scheduler -> client before the next task is submitted: more in flight (queued by
+    # the scheduler, which hands each worker its next task at once), and bigger steps between the archive's plans
+    in_flight_per_slot = 4
+    batch_per_slot = 16
 
     def __init__(self, client: Any, cluster: Any = None, *, address: str = "") -> None:
         self.client = client
@@ -203,7 +238,7 @@ class DaskExecutor(Executor):
         """Connect to the scheduler at ``address`` (waiting ``timeout`` seconds for it to answer and
         ``wait_seconds`` for a first worker), or start ``local:N`` (N worker processes, one thread each)."""
         try:
-            from distributed import Client, LocalCluster
+            from distributed import Client
         except ImportError:
             raise ExecutorError("--dask needs Dask's distributed scheduler: pip install 'nightshift[dask]'") from None
         _quiet_dask_logs()
@@ -211,7 +246,7 @@ class DaskExecutor(Executor):
         cluster = None
         try:
             if n is not None:
-                cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+                cluster = start_local_cluster(n)
                 client = Client(cluster)
             else:
                 client = Client(where, timeout=timeout)
@@ -226,9 +261,26 @@ class DaskExecutor(Executor):
             if cluster is not None:
                 cluster.close()
             raise ExecutorError(f"no Dask worker joined the scheduler at {address} within {wait_seconds:g} s") from None
-        return cls(client, cluster, address=client.scheduler.address)
+        executor = cls(client, cluster, address=client.scheduler.address)
+        executor.warn_about_malloc()
+        client.run(_import_compute_steps)
+        return executor
 
     # -- the cluster ---------------------------------------------------------------------------------------------
+    def warn_about_malloc(self) -> list[str]:
+        """Warn about (and return) the workers whose nanny set ``MALLOC_TRIM_THRESHOLD_`` (Dask's default): glibc
+        then maps every large array afresh, and reading and combining frames takes about twice as long."""
+        slow = sorted(w for w, v in self.client.run(os.environ.get, MALLOC_TRIM).items() if v is not None)
+        if slow:
+            log.warning(
+                "%d Dask worker(s) run with %s set (Dask's nanny default), which makes frame work about twice as "
+                'slow; unset it in the workers\' Dask configuration (README, "Running at scale"): %s',
+                len(slow),
+                MALLOC_TRIM,
+                ", ".join(slow),
+            )
+        return slow
+
     def _count_threads(self) -> None:
         self._slots = max(1, sum(self.client.nthreads().values()))
         self._counted = time.monotonic()
@@ -272,41 +324,46 @@ class DaskExecutor(Executor):
                 raise SharedStorageError(f"dask worker {worker} {why}: {SHARED_STORAGE_HINT}")
 
     # -- the map -------------------------------------------------------------------------------------------------
-    def as_completed(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Done]:
+    def as_completed(self, fn: Callable[[Any], Any], items: list[Any], *, small: bool = False) -> Iterator[Done]:
         from distributed import as_completed
 
         if not items:
             return
-        todo = iter(enumerate(items))
-        running: dict[str, tuple[Any, int, Any]] = {}  # key -> (future, index, item)
+        per_task = max(1, min(SMALL_PER_TASK, len(items) // (self.in_flight_per_slot * self.slots))) if small else 1
+        numbered = list(enumerate(items))
+        groups = iter([numbered[i : i + per_task] for i in range(0, len(numbered), per_task)])
+        running: dict[str, tuple[Any, list[tuple[int, Any]]]] = {}  # key -> (future, [(index, item)])
         futures = as_completed()
         name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
 
         def top_up() -> None:
-            while len(running) < WINDOW_PER_SLOT * self.slots and (nxt := next(todo, None)) is not None:
-                fut = self.client.submit(_task, self.probe, fn, nxt[1], key=f"{name}-{uuid.uuid4().hex}", pure=False)
-                running[fut.key] = (fut, *nxt)
+            while len(running) < self.in_flight_per_slot * self.slots and (group := next(groups, None)) is not None:
+                work = [item for _, item in group]
+                fut = self.client.submit(_task, self.probe, fn, work, key=f"{name}-{uuid.uuid4().hex}", pure=False)
+                running[fut.key] = (fut, group)
                 futures.add(fut)
 
         try:
             top_up()
             for fut in futures:
-                _, i, item = running.pop(fut.key)
-                if fut.status == "error":  # the task raised (or killed its workers: KilledWorker): the item's
-                    value, error = None, fut.exception()
+                _, group = running.pop(fut.key)
+                if fut.status == "error":  # the task failed as a whole (its workers died: KilledWorker)
+                    error = fut.exception()
                     if isinstance(error, SharedStorageError):
                         raise error
+                    outcomes = [(None, error)] * len(group)
                 elif fut.status == "finished":  # a failure to fetch the result is the cluster's: raised
-                    value, error = fut.result(), None
+                    outcomes = fut.result()
                 else:
                     raise ExecutorError(f"the Dask cluster dropped task {fut.key} ({fut.status}): scheduler lost?")
                 fut.release()
                 top_up()
-                yield Done(i, item, value, error)
+                for (i, item), (value, error) in zip(group, outcomes, strict=True):
+                    yield Done(i, item, value, error)
         finally:
             futures.clear()
             if running:  # the caller stopped early (or failed): nobody wants these any more
-                self.client.cancel([f for f, _, _ in running.values()])
+                self.client.cancel([f for f, _ in running.values()])
 
     def close(self) -> None:
         if self.probe is not None:

@@ -162,7 +162,7 @@ class Pipeline:
             return True
         lights = self.archive.query(
             "SELECT * FROM frames WHERE kind = 'light' AND status = 'ingested' ORDER BY date_obs, id LIMIT ?",
-            [4 * self.executor.slots],
+            [self.executor.batch],
         )
         if lights:
             self.calibrate_lights(lights)
@@ -213,10 +213,12 @@ class Pipeline:
                 return done
         return 0
 
-    def _map(self, fn: Callable[[Any], Any], items: list[Any], *, ordered: bool = False) -> Iterator[Done]:
+    def _map(
+        self, fn: Callable[[Any], Any], items: list[Any], *, ordered: bool = False, small: bool = False
+    ) -> Iterator[Done]:
         """``fn(item)`` for each item on the executor; each result (or error) as it comes back, or with
-        ``ordered`` in the items' order, each as soon as those before it are back."""
-        done = self.executor.as_completed(fn, items)
+        ``ordered`` in the items' order, each as soon as those before it are back (``small``: short calls)."""
+        done = self.executor.as_completed(fn, items, small=small)
         return in_order(done) if ordered else done
 
     def calibrate_lights(self, lights: list[dict[str, Any]]) -> int:
@@ -307,7 +309,7 @@ class Pipeline:
                 continue
             if found is not None:
                 todo.append(FileJob(path, *found, self.classify_options))
-        examined = list(self._map(examine, todo, ordered=True))
+        examined = list(self._map(examine, todo, ordered=True, small=True))
         names = FilterNames(keep_case=self.filter_names.keep_case)
         names.prefer(d.value.meta.filter for d in examined if d.value is not None and d.value.meta is not None)
         for d in examined:

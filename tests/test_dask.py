@@ -27,7 +27,7 @@ from astropy.io import fits
 from conftest import make_config, wait_until
 from nightshift.daemon.archive import Archive
 from nightshift.daemon.batch import reduce_folders, reprocess
-from nightshift.daemon.executor import DaskExecutor, ExecutorError, parse_dask_address
+from nightshift.daemon.executor import DaskExecutor, ExecutorError, parse_dask_address, start_local_cluster
 from nightshift.daemon.intake import Examined
 from nightshift.daemon.pipeline import Pipeline
 from nightshift.daemon.storagecheck import SharedStorageError
@@ -44,9 +44,7 @@ F32 = float(np.finfo(np.float32).eps)
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     """Two worker processes, one thread each (``processes=True``: no threads-only cluster)."""
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40
-    )
+    cluster = start_local_cluster(2, silence_logs=40)
     client = distributed.Client(cluster)
     client.wait_for_workers(2, timeout=120)
     yield client
@@ -139,6 +137,12 @@ def test_reduce_on_dask_gives_the_archive_of_the_local_run(night, reduced: Archi
     cloudy = archive.frame_by_path(str(camera / next(f.name for f in plan.frames if f.cloudy)))
     assert cloudy["status"] == "rejected" and cloudy["reason"].startswith("cloudy")
     assert_same_archive(archive, reduced)
+
+
+def test_local_workers_keep_the_default_malloc(client) -> None:
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which doubles the time frame work takes; ours do not have it."""
+    assert client.run(os.environ.get, "OMP_NUM_THREADS") == dict.fromkeys(client.nthreads(), "1")
+    assert DaskExecutor(client).warn_about_malloc() == []
 
 
 def test_every_worker_ran_tasks_of_every_step(client, on_dask) -> None:
