@@ -180,51 +180,43 @@ def _pids(client: Any) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_costs_only_its_tasks(night, reduced: Archive, client, tmp_path: Path) -> None:
-    """SIGKILL a worker process holding ingest tasks, and later one calibrating a light: the run completes and
-    the archive is the one of the local run, every frame in it once."""
+    """SIGKILL the process of a worker holding tasks (while files are read, then masters combined, then lights
+    calibrated): the run completes and the archive is the one of the local run, every frame in it once."""
     _plan, camera = night
-    kills: list[tuple[str, list[str]]] = []
-
-    def kill_busy(prefix: str) -> bool:
-        busy = {w: keys for w, keys in client.processing().items() if any(str(k).startswith(prefix) for k in keys)}
-        if not busy:
-            return False
-        worker = sorted(busy)[0]
-        os.kill(_pids(client)[worker], signal.SIGKILL)
-        kills.append((worker, [str(k) for k in busy[worker]]))
-        return True
-
+    stages = ["examine", "compute_master", "compute_light"]
+    kills: list[tuple[str, int, list[str]]] = []
     stop = threading.Event()
 
-    def watch_calibration() -> None:
-        while not stop.is_set() and not kill_busy("compute_light"):
+    def killer() -> None:
+        while stages and not stop.is_set():
+            busy = {
+                w: [str(k) for k in keys]
+                for w, keys in client.processing().items()
+                if any(str(k).startswith(tuple(stages)) for k in keys)
+            }
+            if busy:
+                worker = sorted(busy)[0]
+                pid = _pids(client)[worker]
+                os.kill(pid, signal.SIGKILL)
+                kills.append((worker, pid, busy[worker]))
+                stage = next(s for s in stages if any(k.startswith(s) for k in busy[worker]))
+                del stages[: stages.index(stage) + 1]
             time.sleep(0.005)
 
-    archive_dir = tmp_path / "archive"
-    archive = Archive(archive_dir)
-    pipeline = Pipeline(make_config(camera, archive_dir), archive, executor=DaskExecutor(client))
-    recorded = 0
-
-    def progress() -> None:
-        nonlocal recorded
-        recorded += 1
-        if recorded == 10:
-            assert kill_busy("examine"), "no worker held an ingest task"
-            threading.Thread(target=watch_calibration, daemon=True).start()
-
+    thread = threading.Thread(target=killer, daemon=True)
+    archive = Archive(tmp_path / "archive")
+    pipeline = Pipeline(make_config(camera, archive.root), archive, executor=DaskExecutor(client))
     try:
-        pipeline.check_storage([])
-        pipeline.ingest_many(
-            sorted((p for p in camera.rglob("*") if p.is_file()), key=lambda p: (p.stat().st_mtime, str(p))),
-            progress=progress,
-        )
-        pipeline.end_night()
+        thread.start()
+        reduce_folders(pipeline, [camera], show_progress=False)
     finally:
         stop.set()
+        thread.join(10)
         pipeline.close()
-    assert len(kills) == 2, kills
-    assert all(keys for _, keys in kills), "each killed worker held tasks"
+    assert len(kills) >= 2, kills
+    assert any(k.startswith(("compute_master", "compute_light")) for _, _, keys in kills for k in keys), kills
     wait_until(lambda: len(client.nthreads()) == 2, 60, "the nannies to restart the killed workers")
+    assert not {pid for _, pid, _ in kills} & set(_pids(client).values()), "the killed processes are gone"
     assert_every_file_once_with_its_true_kind(archive, night)
     assert_same_archive(archive, reduced)
     archive.close()
