@@ -8,6 +8,7 @@ shared by the tests of this module; frames are small (the session's 384-pixel ni
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -323,3 +324,24 @@ def test_what_a_worker_sends_back_survives_the_trip() -> None:
     ex = Examined(Path("/x.fits"), 10, 1.0, error=FrameError("empty", "x.fits is empty"))
     back = pickle.loads(pickle.dumps(ex))
     assert back.error.reason == "empty" and back.error.message == "x.fits is empty"
+
+
+@pytest.mark.slow
+def test_scale_bench_prints_its_figures(tmp_path: Path) -> None:
+    """bench/scale.py at a tiny size, one repeat of a thread run and a one-worker cluster: one JSON summary with
+    the figures of both runs and the 4k-year projection (timings are not checked here)."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+    argv = [sys.executable, str(bench), "--size", "128", "--lights", "1", "--calibrations", "3", "--repeats", "1"]
+    result = subprocess.run(
+        [*argv, "--runs", "threads:1,local:1", "--work", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    files = sum(1 for p in (tmp_path / "camera").rglob("*") if p.is_file())
+    for run in ("threads:1", "local:1"):
+        r = summary["runs"][run]
+        assert r["files"] == files and r["fps"] > 0 and r["total_s"] > 0
+    assert summary["runs"]["threads:1"]["statuses"] == summary["runs"]["local:1"]["statuses"]
+    assert sum(w["tasks"] for w in summary["runs"]["local:1"]["workers"].values()) > 0
+    assert "dask_overhead_one_worker" in summary["ratios"]
+    assert set(summary["projection_4k_year"]) >= {"1_workers_hours", "8_workers_hours", "64_workers_hours"}
