@@ -101,9 +101,9 @@ class Pipeline:
         path = Path(path).absolute()
         try:
             found = settled(self.ws, path, size, mtime)
-            return None if found is None else record(
-                self.ws, examine(FileJob(path, *found, self.classify_options)), self.filter_names
-            )
+            if found is None:
+                return None
+            return record(self.ws, examine(FileJob(path, *found, self.classify_options)), self.filter_names)
         except Exception as exc:
             return self._ingest_failed(path, exc)
 
