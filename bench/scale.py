@@ -46,8 +46,6 @@ TARGET_TWO_WORKERS_MIN = 1.6
 YEAR_FRAMES = 60_000
 YEAR_SIZE = 4096
 PROJECT_WORKERS = (1, 8, 64)
-#: Stages that run on the client today (the Stacker grades, aligns and stacks on the archive's thread).
-CLIENT_STAGES = ("grade", "align", "stack")
 
 
 def say(message: str) -> None:
@@ -219,30 +217,21 @@ def projection(one: dict[str, Any], size: int) -> dict[str, Any]:
     files = one["files"]
     pixels = (YEAR_SIZE / size) ** 2
     worker_s = sum(w["compute_s"] for w in (one["workers"] or {}).values()) / files * pixels
-    stack_s = sum(one["stages_sum_s"].get(k, 0.0) for k in CLIENT_STAGES) / files * pixels
-    # the client's main thread up to the last calibrated light: taking files in, planning and recording masters and
-    # lights (the scheduler is on another thread); twice that once grading, alignment and stacking are recorded too
-    archive_s = 2 * (one["client_main_thread_cpu_to_calibrated_s"] or 0.0) / files
+    # the client's main thread: planning, judging, choosing references, recording (the scheduler is on another
+    # thread); rows, not pixels
+    archive_s = one["client_main_thread_cpu_s"] / files
     out: dict[str, Any] = {
         "frames": YEAR_FRAMES,
         "size": YEAR_SIZE,
-        "per_frame_s": {
-            "worker_compute": round(worker_s, 4),
-            "client_grade_align_stack": round(stack_s, 4),
-            "client_archive": round(archive_s, 4),
-        },
-        "note": f"per-frame costs measured at {size} px, scaled by pixel count to {YEAR_SIZE} px (x{pixels:g}), "
-        "except the client's archive work (rows, not pixels: its main thread's CPU per frame up to the last "
-        "calibrated light, doubled for the records of grading, alignment and stacking; Dask's scheduler and comms "
-        "run on another thread, or machine). today: grading, alignment and "
-        "stacking run on the client after calibration, so hours = frames x (worker / W + grade_align_stack + "
-        "archive). once they are tasks too: hours = frames x max((worker + grade_align_stack) / W, archive), the "
-        "client recording while the workers compute. Assumes storage keeps up (see README) and ~1 worker per core.",
+        "per_frame_s": {"worker_compute": round(worker_s, 4), "client": round(archive_s, 4)},
+        "note": f"per-frame costs measured at {size} px: the workers' compute seconds (every task: reading, hashing, "
+        f"masters, calibration, grading, alignment, final combines) scaled by pixel count to {YEAR_SIZE} px "
+        f"(x{pixels:g}); the client's main-thread CPU (planning, judging, recording: rows, not pixels) as measured. "
+        "hours = frames x max(worker / W, client): the client records while the workers compute. Assumes storage "
+        "keeps up (see README), one worker per core as fast as this machine's, and work spread over many nights.",
     }
     for w in PROJECT_WORKERS:
-        today = YEAR_FRAMES * (worker_s / w + stack_s + archive_s) / 3600
-        moved = YEAR_FRAMES * max((worker_s + stack_s) / w, archive_s) / 3600
-        out[f"{w}_workers_hours"] = {"today": round(today, 1), "registration_on_workers": round(moved, 1)}
+        out[f"{w}_workers_hours"] = round(YEAR_FRAMES * max(worker_s / w, archive_s) / 3600, 2)
     return out
 
 
@@ -277,8 +266,8 @@ def summarise(params: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[s
         }
         ratios["note"] = (
             "fps = raw files / wall time of the whole reduce (the fastest repeat); calibration = raw files / the "
-            "shortest time to the last calibrated light over the repeats (ingest, masters, calibration: the part "
-            "that runs on the workers today). overhead = threads:1 fps / local:1 fps - 1."
+            "shortest time to the last calibrated light over the repeats (ingest, masters, calibration). "
+            "overhead = threads:1 fps / local:1 fps - 1."
         )
     out["ratios"] = ratios
     if one and one.get("workers"):

@@ -152,7 +152,7 @@ def test_every_worker_ran_tasks_of_every_step(client, on_dask) -> None:
     assert len(workers) == 2
     assert {t["worker"] for t in tasks} == workers
     steps = {str(t["key"]).rsplit("-", 1)[0] for t in tasks}
-    assert {"examine", "compute_master", "compute_light"} <= steps, steps
+    assert {"examine", "compute_master", "compute_light", "compute_grade", "compute_align", "compute_final"} <= steps
 
 
 def test_reprocess_on_dask_gives_the_same_products(night, client, on_dask, tmp_path: Path) -> None:
@@ -181,10 +181,10 @@ def _pids(client: Any) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_costs_only_its_tasks(night, reduced: Archive, client, tmp_path: Path) -> None:
-    """SIGKILL the process of a worker holding tasks (while files are read, then masters combined, then lights
-    calibrated): the run completes and the archive is the one of the local run, every frame in it once."""
+    """SIGKILL the process of a worker holding tasks (while files are read, masters combined, lights calibrated,
+    lights aligned): the run completes and the archive is the one of the local run, every frame in it once."""
     _plan, camera = night
-    stages = ["examine", "compute_master", "compute_light"]
+    stages = ["examine", "compute_master", "compute_light", "compute_align"]
     kills: list[tuple[str, int, list[str]]] = []
     stop = threading.Event()
 
@@ -337,7 +337,7 @@ def test_scale_bench_prints_its_figures(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    files = sum(1 for p in (tmp_path / "camera").rglob("*") if p.is_file())
+    files = sum(1 for p in (tmp_path / "camera").rglob("*.fits"))
     for run in ("threads:1", "local:1"):
         r = summary["runs"][run]
         assert r["files"] == files and r["fps"] > 0 and r["total_s"] > 0
