@@ -213,6 +213,19 @@ def m003_observatory(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE masters SET readout = 'raw'")
 
 
+@migrations()
+def m004_colour(db: sqlite_utils.Database) -> None:
+    """Colour cameras: a frame's and a master's colour layout, so a flat is only chosen for lights of its own.
+
+    ``naxis3`` (3 for a debayered colour cube, NULL for a 2-D frame), ``roworder`` (ROWORDER as stated) and
+    ``cfa`` (the Bayer pattern at the first stored pixel, NULL when not a mosaic) on ``frames`` and ``masters``.
+    """
+    for table in ("frames", "masters"):
+        db[table].add_column("naxis3", int)
+        db[table].add_column("roworder", str)
+        db[table].add_column("cfa", str)
+
+
 def now_iso() -> str:
     return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds")
 

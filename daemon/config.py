@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from nightshift.service.cfa import PATTERNS
 from nightshift.service.frame import KINDS
 from nightshift.service.grade import RejectRules
 
@@ -73,6 +74,7 @@ class ClassifyConfig:
     overrides: list[dict[str, str]] = field(default_factory=list)
     untyped_lights: bool = True
     filter_case: str = "ignore"
+    bayer_pattern: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +180,9 @@ SETUP_KEYS = (
     "telescope",
     "bayerpat",
     "readout",
+    "naxis3",
+    "roworder",
+    "cfa",
 )
 #: Keys every calibration matches on, whatever ``match_keys`` says: the readout (overscan subtracted or not,
 #: the region kept and so the shape) must be the light's, or the masters would not even fit it.
@@ -286,6 +291,9 @@ def _validate(cfg: Config) -> None:
     for word, kind in cfg.classify.synonyms.items():
         if kind not in KINDS:
             raise _expect(f"[classify] synonyms.{word}", f"one of {', '.join(KINDS)}", kind)
+    for camera, pattern in cfg.classify.bayer_pattern.items():
+        if str(pattern).strip().upper() not in (*PATTERNS, "MONO"):
+            raise _expect(f"[classify] bayer_pattern.{camera}", f"one of {', '.join(PATTERNS)} or mono", pattern)
     for i, rule in enumerate(cfg.classify.overrides):
         if set(rule) != {"glob", "kind"} or rule["kind"] not in KINDS:
             raise _expect(f"[classify] overrides[{i}]", f'{{ glob = "...", kind = one of {", ".join(KINDS)} }}', rule)

@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from pathlib import PurePath
 from typing import Any
 
+from nightshift.service.cfa import PATTERNS, CfaError, header_layout
 from nightshift.service.filters import filter_key, header_filter, tidy
 from nightshift.service.frame import KINDS, OTHER_KIND, FrameError, FrameMeta
 from nightshift.service.lookalike import override_hint
@@ -163,6 +164,9 @@ class ClassifyOptions:
     overscan, trim : str
         ``"auto"`` (the header's BIASSEC, TRIMSEC/DATASEC), ``"off"``, a section or a keyword name: what
         :func:`nightshift.service.readout.readout_of` does to the frame, recorded as its ``readout``.
+    bayer_patterns : dict
+        Per camera (its name, case-insensitive): the Bayer pattern of a colour camera whose headers state none
+        (``"RGGB"``...), or ``"mono"`` to treat a camera as monochrome whatever its headers say.
     """
 
     synonyms: dict[str, str] = field(default_factory=dict)
@@ -174,8 +178,13 @@ class ClassifyOptions:
     filter_keep_case: bool = False
     overscan: str = AUTO
     trim: str = AUTO
+    bayer_patterns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for camera, pattern in self.bayer_patterns.items():
+            if str(pattern).strip().upper() not in (*PATTERNS, "MONO"):
+                known = ", ".join(PATTERNS)
+                raise ValueError(f"bayer pattern of {camera!r} is {pattern!r}, not one of {known} or mono")
         for word, kind in self.synonyms.items():
             if kind not in KINDS:
                 raise ValueError(f"synonym {word!r} maps to {kind!r}, not one of {', '.join(KINDS)}")
@@ -494,7 +503,7 @@ def normalise(
     size_bytes: int,
     options: ClassifyOptions,
     mtime: float | None = None,
-    shape: tuple[int, int] | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> FrameMeta:
     """The normalised metadata of one raw frame, from its header.
 
@@ -509,8 +518,9 @@ def normalise(
     mtime : float, optional
         The file's modification time (epoch seconds), used as the time of the frame when the header has no
         date at all (``date_source = "mtime"``). When None, the file at ``path`` is asked.
-    shape : (int, int), optional
-        The image's (rows, columns) when known from the file's structure; else NAXIS2/NAXIS1.
+    shape : tuple of int, optional
+        The image's (rows, columns), or (3, rows, columns) for a colour cube, when known from the file's
+        structure; else NAXIS2/NAXIS1 (and NAXIS3).
 
     Returns
     -------
@@ -520,9 +530,9 @@ def normalise(
     ------
     FrameError
         ``unknown_type``, ``missing_exposure`` (a dark, flat, light or darkflat without EXPTIME/EXPOSURE;
-        a bias gets 0.0), ``bad_header_value`` (naming the key and the value that cannot be parsed),
-        ``multiple_amplifiers``. A frame of kind ``"other"`` (FOCUS, TEST...) is returned with
-        ``extra["set_aside"]`` saying why it is set aside.
+        a bias gets 0.0), ``bad_header_value`` (naming the key and the value that cannot be parsed, a colour
+        frame's Bayer pattern or ROWORDER that is not one nightshift knows), ``multiple_amplifiers``. A frame of
+        kind ``"other"`` (FOCUS, TEST...) is returned with ``extra["set_aside"]`` saying why it is set aside.
     """
     extra: dict[str, Any] = {}
     notes: list[str] = []
@@ -551,14 +561,27 @@ def normalise(
     extra.update(more)
     extra["date_source"] = source
 
-    width = shape[1] if shape else int(_number(header, "NAXIS1") or 0)
-    height = shape[0] if shape else int(_number(header, "NAXIS2") or 0)
+    width = shape[-1] if shape else int(_number(header, "NAXIS1") or 0)
+    height = shape[-2] if shape else int(_number(header, "NAXIS2") or 0)
     plan = readout_of(header, (height, width), overscan=options.overscan, trim=options.trim)
     xbin, ybin = _binning(header)
     gain = _number(header, "GAIN")
     offset = _first_number(header, ("OFFSET", "BLKLEVEL"))
     readout_mode = _text(header, "READOUTM", "READMODE", "READOUT")
-    bayer = _text(header, "BAYERPAT")
+    if shape:
+        naxis3 = shape[0] if len(shape) == 3 else None
+    else:
+        naxis3 = int(_number(header, "NAXIS3") or 0) if _number(header, "NAXIS") == 3 else None
+    camera = _camera(header, extra)
+    try:
+        bayer, roworder, cfa = header_layout(header, height=height, configured=options.bayer_patterns, camera=camera)
+    except CfaError as exc:
+        raise FrameError("bad_header_value", str(exc)) from None
+    said = _text(header, "BAYERPAT")
+    if said and bayer is None:
+        notes.append(f"BAYERPAT {said!r} set aside: the camera is set to mono ([classify] bayer_pattern)")
+    elif bayer and not said:
+        notes.append(f"Bayer pattern {bayer} from the camera's setting ([classify] bayer_pattern)")
     software = _text(header, "SWCREATE", "CREATOR", "PROGRAM", "SOFTWARE")
     if software:
         extra["software"] = software
@@ -585,9 +608,12 @@ def normalise(
         gain=gain,
         offset=offset,
         readout_mode=readout_mode,
-        camera=_camera(header, extra),
+        camera=camera,
         telescope=_text(header, "TELESCOP"),
-        bayerpat=bayer.upper() if bayer else None,
+        bayerpat=bayer,
+        naxis3=naxis3,
+        roworder=roworder,
+        cfa=cfa,
         dialect=dialect,
         date_source=source,
         readout=plan.describe(),

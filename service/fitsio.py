@@ -39,6 +39,7 @@ __all__ = [
     "check_complete",
     "find_image_hdu",
     "header_from_bytes",
+    "is_frame_shape",
     "open_frame",
     "read_flags",
     "read_frame_header",
@@ -378,29 +379,37 @@ def check_complete(path: Path) -> None:
         scan_hdus(path)
 
 
+def is_frame_shape(shape: tuple[int, ...]) -> bool:
+    """True for the shapes nightshift takes: a 2-D frame, or a colour cube of 3 planes (R, G, B) as SharpCap and
+    ASIAIR save debayered frames (NAXIS3 = 3)."""
+    return len(shape) == 2 or (len(shape) == 3 and shape[0] == 3)
+
+
 def find_image_hdu(infos: list[HduInfo]) -> HduInfo:
-    """The HDU holding the frame: the first image HDU that is 2-D (trailing length-1 axes allowed).
+    """The HDU holding the frame: the first image HDU that is 2-D (trailing length-1 axes allowed) or a 3-plane
+    colour cube.
 
     Raises
     ------
     FrameError
         ``no_image_data`` when no HDU holds pixels; ``unsupported_dimensions`` when images exist but none
-        is 2-D.
+        is 2-D or a 3-plane cube.
     """
     images = [info for info in infos if info.is_image]
     if not images:
         kinds = ", ".join(f"HDU {i.index} {i.xtension or 'primary'} NAXIS={len(i.axes)}" for i in infos)
         raise FrameError("no_image_data", f"no HDU holds an image ({kinds})")
     for info in images:
-        if len(info.shape) == 2:
+        if is_frame_shape(info.shape):
             return info
     first = images[0]
     dims = " x ".join(str(n) for n in first.image_axes)
     what = "1-D spectrum or row" if len(first.shape) == 1 else f"{len(first.shape)}-D cube"
-    hint = " (a debayered RGB image?)" if len(first.shape) == 3 and first.shape[0] == 3 else ""
+    planes = f" of {first.shape[0]} planes" if len(first.shape) == 3 else ""
     raise FrameError(
         "unsupported_dimensions",
-        f"HDU {first.index} holds a {what} of {dims} pixels{hint}; nightshift needs a single 2-D frame",
+        f"HDU {first.index} holds a {what}{planes} ({dims} pixels); nightshift needs a single 2-D frame or a "
+        "colour cube of 3 planes",
     )
 
 
@@ -458,15 +467,16 @@ def _float_key(header: fits.Header, key: str, default: float) -> float:
 
 
 def read_pixels(path: Path, info: HduInfo, header: fits.Header) -> np.ndarray:
-    """The image of HDU ``info`` as a 2-D float32 array with BZERO/BSCALE applied and BLANK pixels as NaN.
+    """The image of HDU ``info`` as a float32 array with BZERO/BSCALE applied and BLANK pixels as NaN: 2-D, or
+    (3, rows, columns) for a colour cube.
 
     One pass from the file's big-endian integers to float32 (no float64 copy); uint16 with BZERO = 32768
     comes out exact. The file is closed on return.
     """
     path = Path(path)
     shape = info.shape
-    if len(shape) != 2:
-        raise FrameError("unsupported_dimensions", f"HDU {info.index} has shape {shape}, not 2-D")
+    if not is_frame_shape(shape):
+        raise FrameError("unsupported_dimensions", f"HDU {info.index} has shape {shape}, not 2-D nor 3 planes")
     if info.zimage:
         try:
             with warnings.catch_warnings():
@@ -510,7 +520,7 @@ def read_pixels(path: Path, info: HduInfo, header: fits.Header) -> np.ndarray:
 
 
 def read_image(path: Path) -> Image:
-    """Read the frame of a file: float32 pixels of the first 2-D image HDU and its header.
+    """Read the frame of a file: float32 pixels of the first 2-D image HDU (or 3-plane cube) and its header.
 
     Parameters
     ----------

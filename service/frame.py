@@ -28,7 +28,7 @@ QUARANTINE_REASONS = (
     "unreadable",  # the operating system refused to read it (permissions, a directory, vanished)
     "incomplete",  # never stopped growing / never became whole within the timeout
     "no_image_data",  # a header with no image
-    "unsupported_dimensions",  # not a 2-D image (cube, 1-D), or absurdly small
+    "unsupported_dimensions",  # not a 2-D image nor a 3-plane colour cube (other cubes, 1-D), or absurdly small
     "multiple_amplifiers",  # read by several amplifiers (per-amplifier sections or extensions): not reduced
     "unknown_type",  # no header word or override says bias/dark/flat/light
     "missing_exposure",  # a dark, flat or light with no EXPTIME/EXPOSURE
@@ -85,11 +85,14 @@ class FrameMeta:
     readout_mode: str | None = None
     camera: str | None = None
     telescope: str | None = None
-    bayerpat: str | None = None
+    bayerpat: str | None = None  # BAYERPAT as stated (or the camera's configured pattern), upper case
     dialect: str | None = None  # which capture program's words were recognised (e.g. "maxim", "nina", "ekos")
     date_source: str | None = None  # the keywords date_obs came from ("DATE-OBS+UTC-OBS", "DATE-OBS (date only)")
     readout: str | None = None  # overscan subtracted and region kept ("raw" or sections and shape): must match
     header_note: str | None = None  # what reading the header decided that a person should know
+    naxis3: int | None = None  # 3 for a colour cube (R, G, B planes, already debayered), None for a 2-D frame
+    roworder: str | None = None  # ROWORDER as stated: "TOP-DOWN" or "BOTTOM-UP" (None: not stated)
+    cfa: str | None = None  # Bayer pattern at the first stored pixel (row 0, column 0); None: not a mosaic
     extra: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping (not stored as columns)
 
     def row(self) -> dict[str, Any]:
@@ -106,6 +109,10 @@ class Image:
 
     In a calibrated light a saturated pixel is also bad (its value is only a lower bound); in a stack a pixel
     saturated in every frame holds the saturation level, flagged saturated but not bad.
+
+    ``data`` is 2-D (rows, columns), or a colour frame of three planes (3, rows, columns) in the order R, G, B, the
+    layout of a FITS cube with NAXIS3 = 3. A colour frame's mask and saturation flags are one (rows, columns)
+    array for all three planes (a pixel is good or bad as a whole), or per plane with the data's own shape.
     """
 
     data: np.ndarray
@@ -114,9 +121,20 @@ class Image:
     saturated: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.data.ndim != 2:
-            raise ValueError(f"an Image is 2-D, got shape {self.data.shape}")
+        shape = self.data.shape
+        if self.data.ndim != 2 and not (self.data.ndim == 3 and shape[0] == 3):
+            raise ValueError(f"an Image is 2-D or 3 colour planes (3, rows, columns), got shape {shape}")
         for name in ("mask", "saturated"):
             flags = getattr(self, name)
-            if flags is not None and flags.shape != self.data.shape:
-                raise ValueError(f"{name} shape {flags.shape} differs from data shape {self.data.shape}")
+            if flags is not None and flags.shape not in (shape, shape[-2:]):
+                raise ValueError(f"{name} shape {flags.shape} differs from data shape {shape}")
+
+    @property
+    def is_colour(self) -> bool:
+        """True for a colour frame of three planes (R, G, B)."""
+        return self.data.ndim == 3
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        """(rows, columns) of one plane."""
+        return (int(self.data.shape[-2]), int(self.data.shape[-1]))

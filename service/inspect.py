@@ -68,11 +68,11 @@ def inspect_frame(path: Path, *, options: ClassifyOptions, sha256: str | None = 
     """Check one raw file from its bytes to its pixels and describe it.
 
     Steps: the file is whole (:func:`~nightshift.service.fitsio.check_complete`'s walk); an image HDU exists and is a
-    2-D frame of at least :data:`MIN_SIZE` pixels each way, read by one amplifier; the header normalises (kind,
-    exposure, date...); the pixels are not mostly NaN/inf and not all equal. A light whose pixels look like a
-    flat or a bias (:func:`~nightshift.service.lookalike.looks_like`) stays a light, and its ``header_note``
-    says so with the filename override that would file it otherwise. FITS (plain, tile-compressed, gzip) and
-    XISF files are read. The raw file is only read.
+    2-D frame (or a 3-plane colour cube) of at least :data:`MIN_SIZE` pixels each way, read by one amplifier; the
+    header normalises (kind, exposure, date, colour layout...); the pixels are not mostly NaN/inf and not all
+    equal. A light whose pixels look like a flat or a bias (:func:`~nightshift.service.lookalike.looks_like`)
+    stays a light, and its ``header_note`` says so with the filename override that would file it otherwise. FITS
+    (plain, tile-compressed, gzip) and XISF files are read. The raw file is only read.
 
     Parameters
     ----------
@@ -159,7 +159,7 @@ def _inspect(path: Path, options: ClassifyOptions, sha256: str | None) -> FrameM
         infos = scan_hdus(path)
         info = find_image_hdu(infos)
         shape = info.shape
-        _check_size(*shape)
+        _check_size(*shape[-2:])
         check_one_amplifier(infos)
         header = read_header(path, info, infos)
 

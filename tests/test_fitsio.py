@@ -108,10 +108,15 @@ def test_cube_with_a_single_plane_reads_as_2d(tmp_path):
     assert read_image(tmp_path / "plane.fits").data.shape == (30, 40)
 
 
-def test_rgb_cube_and_headers_without_image_are_refused(tmp_path):
-    fits.PrimaryHDU(pixels((3, 30, 40))).writeto(tmp_path / "rgb.fits")
-    error = reason_of(read_image, tmp_path / "rgb.fits")
-    assert error.reason == "unsupported_dimensions" and "RGB" in error.message
+def test_rgb_cube_is_read_other_cubes_and_headers_without_image_are_refused(tmp_path):
+    rgb = pixels((3, 30, 40))
+    fits.PrimaryHDU(rgb).writeto(tmp_path / "rgb.fits")
+    image = read_image(tmp_path / "rgb.fits")
+    assert image.is_colour and image.data.shape == (3, 30, 40)
+    np.testing.assert_array_equal(image.data, rgb.astype(np.float32))
+    fits.PrimaryHDU(pixels((4, 30, 40))).writeto(tmp_path / "four.fits")
+    error = reason_of(read_image, tmp_path / "four.fits")
+    assert error.reason == "unsupported_dimensions" and "4 planes" in error.message and "3 planes" in error.message
     fits.PrimaryHDU().writeto(tmp_path / "none.fits")
     assert reason_of(read_image, tmp_path / "none.fits").reason == "no_image_data"
 

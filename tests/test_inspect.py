@@ -76,7 +76,8 @@ def make_no_image(tmp: Path) -> Path:
 
 
 def make_cube(tmp: Path) -> Path:
-    return camera_file(tmp / "cube.fits", np.random.default_rng(0).integers(0, 100, size=(3, 32, 32)))
+    """Four planes: a 3-plane cube is a colour frame (R, G, B); any other cube is not a frame."""
+    return camera_file(tmp / "cube.fits", np.random.default_rng(0).integers(0, 100, size=(4, 32, 32)))
 
 
 def make_row(tmp: Path) -> Path:
@@ -137,7 +138,7 @@ CASES = [
     (make_directory, "unreadable", "directory"),
     (make_vanished, "unreadable", "gone.fits"),
     (make_no_image, "no_image_data", "NAXIS=0"),
-    (make_cube, "unsupported_dimensions", "3-D"),
+    (make_cube, "unsupported_dimensions", "3-D cube of 4 planes"),
     (make_row, "unsupported_dimensions", "1-D"),
     (make_tiny, "unsupported_dimensions", "8 x 8"),
     (make_unknown_type, "unknown_type", "Mystery"),
