@@ -183,6 +183,20 @@ def _simulate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--longitude", type=float, metavar="DEG", help="write the site's longitude (LONGITUD)")
     p.add_argument("--compress", choices=["fz", "gz", "zlib"], help="tile (.fits.fz) or gzip (.fits.gz); zlib: XISF")
     p.add_argument("--format", choices=["fits", "xisf"], default="fits", dest="file_format", help="file format")
+    p.add_argument(
+        "--bayer",
+        choices=["RGGB", "GRBG", "GBRG", "BGGR"],
+        help="a one-shot-colour camera with this Bayer pattern (no filter; BAYERPAT in the headers)",
+    )
+    p.add_argument(
+        "--row-order",
+        choices=["TOP-DOWN", "BOTTOM-UP"],
+        default="TOP-DOWN",
+        help="how the colour camera's files store rows (ROWORDER; default TOP-DOWN)",
+    )
+    p.add_argument(
+        "--debayered", action="store_true", help="the capture program saves debayered 3-plane cubes (with --bayer)"
+    )
 
 
 def _config(args: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -230,6 +244,14 @@ def _sim_config(args: argparse.Namespace) -> Any:
         "compress": args.compress or "",
         "file_format": args.file_format,
     }
+    if args.bayer:
+        from nightshift.service.simulate import COLOUR_CAMERA
+
+        options.update(
+            bayer=args.bayer, row_order=args.row_order, debayered=args.debayered, camera=COLOUR_CAMERA, filters=(None,)
+        )
+    elif args.debayered:
+        raise ConfigError("--debayered needs --bayer (a colour camera)")
     try:
         return SimConfig(**options)
     except ValueError as exc:

@@ -34,6 +34,13 @@ can follow. ``truth_signal`` and the true maps stay in the light-sensitive shape
 frame trimmed to TRIMSEC has. Files can be written tile-compressed (``.fits.fz``), gzip-compressed (``.fits.gz``)
 or as XISF.
 
+A colour night (``SimConfig(bayer="RGGB")``, a one-shot-colour camera) renders the same scene per colour channel
+and keeps, at each pixel, the channel its Bayer filter passes: stars of different colours (their B-V), a sky with
+a colour, channels of different sensitivity and vignetting, a flat lamp with a colour; the headers say
+``BAYERPAT`` (optionally shifted by ``XBAYROFF``/``YBAYROFF``) and ``ROWORDER`` as capture programs write them,
+and the capture program may debayer and save 3-plane cubes (``debayered=True``, as SharpCap and ASIAIR can). See
+the section "colour camera" below for the model and the truth it exposes.
+
 Nothing here is imported by the pipeline; tests, the demo and the benchmark use it.
 """
 
@@ -58,6 +65,7 @@ import numpy as np
 from astropy.io import fits
 
 __all__ = [
+    "BAYER_PATTERNS",
     "BIAS_LEVEL",
     "BROKEN_FILES",
     "DIALECTS",
@@ -178,6 +186,17 @@ _S_PLAN, _S_BIAS, _S_DARK, _S_RESP, _S_DUST, _S_STARS, _S_NOISE, _S_COSMIC, _S_T
 #: Length range (pixels) of the drift that trails a ``trailed`` light: a real tracking failure, far beyond seeing.
 _TRAIL_LENGTH = (9.0, 14.0)
 
+#: Colour camera model (one-shot colour), channels in the order R, G, B: sensitivity of each channel, the
+#: strength of its radial vignetting (the mono camera's is 0.3), the flat lamp's colour and the sky's colour.
+BAYER_PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
+COLOUR_QE = (0.82, 1.0, 0.64)
+COLOUR_VIGNETTING = (0.24, 0.30, 0.40)
+FLAT_LAMP = (1.0, 0.95, 0.7)
+SKY_COLOUR = (1.3, 1.0, 0.75)
+#: Dialects whose capture programs write XBAYROFF/YBAYROFF; the others state the pattern at the top-left pixel.
+_OFFSET_DIALECTS = ("nina", "ekos", "maxim", "sharpcap")
+COLOUR_CAMERA = "ZWO ASI2600MC Pro"
+
 _BETA = 3.5  # Moffat PSF
 _STAMP_RADII = (7, 15, 31, 63)
 _F_MIN, _F_SLOPE, _F_MAX = 8.0, 0.7, 3.0e4  # star fluxes in V, ADU/s: Pareto tail N(>F) ~ F^-0.7
@@ -199,6 +218,12 @@ class SimConfig:
     per 100 s of exposure (0 for none); ``exact_poisson`` draws true Poisson shot noise instead of its Gaussian
     approximation (slower). ``extension`` overrides each dialect's own file extension (".fit" for MaxIm, SGP,
     ASIAIR; ".fits" else).
+
+    Colour: ``bayer`` is the sensor's Bayer pattern read from the top-left of the picture (None: a mono camera);
+    ``row_order`` how files store rows ("TOP-DOWN" or "BOTTOM-UP"); ``bayer_offset`` the (XBAYROFF, YBAYROFF)
+    written by the programs that write them (the stated pattern is shifted to match, so the sensor is the same);
+    ``bayer_header`` False writes no BAYERPAT (a header that says nothing); ``debayered`` writes 3-plane cubes
+    debayered by the capture program. A colour camera usually has no filter: use ``filters=(None,)``.
     """
 
     size: int = 512
@@ -207,7 +232,7 @@ class SimConfig:
     dark_exptimes: tuple[float, ...] = (30.0, 300.0)
     n_flat: int = 5
     flat_exptime: float = 2.0
-    filters: tuple[str, ...] = ("B", "V")
+    filters: tuple[str | None, ...] = ("B", "V")
     objects: tuple[str, ...] = ("NGC 6939",)
     light_exptimes: tuple[float, ...] = (30.0, 300.0)
     n_light: int = 4
@@ -242,6 +267,11 @@ class SimConfig:
     longitude: float | None = None
     compress: str = ""
     file_format: str = "fits"
+    bayer: str | None = None
+    row_order: str = "TOP-DOWN"
+    bayer_offset: tuple[int, int] = (0, 0)
+    bayer_header: bool = True
+    debayered: bool = False
 
     def __post_init__(self) -> None:
         if self.order not in ("natural", "lights-first", "shuffled"):
@@ -263,6 +293,14 @@ class SimConfig:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: one of {allowed}")
         if self.overscan < 0 or self.prescan < 0:
             raise ValueError("overscan and prescan are numbers of columns, >= 0")
+        if self.bayer is not None and self.bayer not in BAYER_PATTERNS:
+            raise ValueError(f"unknown Bayer pattern {self.bayer!r}; one of {BAYER_PATTERNS}")
+        if self.row_order not in ("TOP-DOWN", "BOTTOM-UP"):
+            raise ValueError(f"row_order must be TOP-DOWN or BOTTOM-UP, got {self.row_order!r}")
+        if self.debayered and self.bayer is None:
+            raise ValueError("debayered cubes need a colour camera (bayer)")
+        if self.bayer is not None and (self.overscan or self.prescan or self.file_format != "fits"):
+            raise ValueError("the colour camera writes FITS without overscan or prescan columns")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -480,8 +518,14 @@ class NightPlan:
         """The flat-field response for ``filter`` (float32, median exactly 1, read-only).
 
         Vignetting x dust donuts (some on the sensor window, shared by all filters; some on the filter) x a
-        small pixel-to-pixel variation shared by all filters.
+        small pixel-to-pixel variation shared by all filters. A colour camera's response is a mosaic: see
+        :meth:`_colour_response`.
         """
+        if self.config.bayer is not None:
+            return self._colour_response(filter)
+        return self._mono_response(filter)
+
+    def _mono_response(self, filter: str | None) -> np.ndarray:
         fkey = _filter_key(filter)
         if ("resp", fkey) not in self._cache:
             if "resp_common" not in self._cache:
@@ -567,8 +611,11 @@ class NightPlan:
 
         Light: sky (with its gradient) + stars after offset, rotation and flip; flat: its uniform
         illumination; bias and dark: zeros. A perfect calibration ``(raw - bias - dark_rate * t) / response``
-        recovers it plus noise (and cosmic rays), except where the raw pixel saturated.
+        recovers it plus noise (and cosmic rays), except where the raw pixel saturated. For a colour camera each
+        pixel holds the signal of its own colour (:meth:`truth_rgb` picked through :meth:`colour_map`).
         """
+        if self.config.bayer is not None:
+            return self._mosaic(self.truth_rgb(frame))
         h, w = self.shape
         if frame.kind == "flat":
             return np.full((h, w), frame.level, dtype=np.float32)
@@ -594,7 +641,10 @@ class NightPlan:
         """
         if frame.broken is not None:
             raise ValueError(f"{frame.name} is a deliberately broken file ({frame.broken}); use frame_bytes()")
-        return self._pixels(frame), self.header(frame)
+        pixels = self._pixels(frame)
+        if self.config.debayered:
+            pixels = self._debayered(pixels)
+        return pixels, self.header(frame)
 
     def _pixels(self, frame: SimFrame) -> np.ndarray:
         h, w = self.shape
@@ -644,6 +694,8 @@ class NightPlan:
         hdr = _dialect_header(frame, self.config)
         for key, section in self.sections().items():
             hdr[key] = (section, _SECTION_COMMENTS[key])
+        if self.config.bayer is not None:
+            hdr.update(self._colour_cards(frame))
         if frame.kind == "light" and frame.dialect in PLATE_SOLVED and frame.object is not None:
             hdr.update(self.wcs(frame))
             if self.config.prescan:
@@ -697,7 +749,8 @@ class NightPlan:
         if stem == "no_image_data":
             return _fits_bytes(None, hdr)
         if stem == "cube":
-            cube = np.stack([self._pixels(good)[: min(h, 512), : min(w, 512)]] * 3)
+            # four planes: a 3-plane cube is a colour frame, anything else is not a frame nightshift takes
+            cube = np.stack([self._pixels(good)[: min(h, 512), : min(w, 512)]] * 4)
             return _fits_bytes(cube, hdr)
         if stem == "unknown_type":
             for k in ("FRAME", "IMAGETYP"):
@@ -769,6 +822,117 @@ class NightPlan:
     def by_kind(self, kind: str) -> list[SimFrame]:
         """The sound frames of one kind, in writing order."""
         return [f for f in self.frames if f.kind == kind and f.broken is None]
+
+    # -- colour camera ---------------------------------------------------------------------------------------
+    # The scene is rendered per channel (R, G, B) on the stored pixel grid, and each stored pixel keeps the channel
+    # its filter passes. The sensor reads its rows top-down with ``config.bayer`` at its top-left pixel; a file
+    # stored bottom-up holds the sensor's last row first. A perfect calibration with a flat normalised per colour
+    # channel leaves channel c of a pixel equal to truth_rgb[c] * COLOUR_QE[c] (:meth:`calibrated_rgb`).
+    def colour_map(self) -> np.ndarray:
+        """Channel (0 R, 1 G, 2 B) of every stored pixel (uint8 (rows, columns), read-only)."""
+        if "cmap" not in self._cache:
+            h, w = self.shape
+            pattern = self.config.bayer or "RGGB"
+            rows = np.arange(h)
+            sensor_row = rows if self.config.row_order == "TOP-DOWN" else (h - 1 - rows)
+            cell = np.array([["RGB".index(pattern[2 * i + j]) for j in range(2)] for i in range(2)], dtype=np.uint8)
+            cmap = cell[(sensor_row % 2)[:, None], (np.arange(w) % 2)[None, :]]
+            self._cache["cmap"] = _readonly(np.ascontiguousarray(cmap))
+        return self._cache["cmap"]
+
+    def stored_pattern(self) -> str:
+        """The Bayer pattern starting at the first stored pixel (what a debayer of the file must be told)."""
+        cmap = self.colour_map()
+        return "".join("RGB"[int(c)] for c in (cmap[0, 0], cmap[0, 1], cmap[1, 0], cmap[1, 1]))
+
+    def channel_qe(self) -> np.ndarray:
+        """Sensitivity of the R, G and B channels (what a flat normalised per channel leaves in the lights)."""
+        return np.array(COLOUR_QE, dtype=np.float64)
+
+    def star_colour_factors(self, obj: str) -> np.ndarray:
+        """(N, 3) flux of each catalogue star in R, G, B relative to its V flux (from its B-V), before the QE."""
+        cat = self.star_catalogue(obj)
+        bv = np.asarray(cat["colour"], dtype=np.float64) - 0.65
+        return np.stack([10.0 ** (0.25 * bv), np.ones_like(bv), 10.0 ** (-0.45 * bv)], axis=1)
+
+    def star_colours(self, obj: str) -> np.ndarray:
+        """(N, 3) true colour of each catalogue star as a calibrated colour frame shows it: R, G, B fluxes
+        relative to G (so column 1 is 1); channel flux ratios of a stack must match these."""
+        rgb = self.star_colour_factors(obj) * self.channel_qe()[None, :]
+        return rgb / rgb[:, 1:2]
+
+    def truth_rgb(self, frame: SimFrame) -> np.ndarray:
+        """The noise-free signal of each channel (float32 (3, rows, columns), ADU before the response)."""
+        h, w = self.shape
+        out = np.zeros((3, h, w), dtype=np.float32)
+        if frame.kind == "flat":
+            for c in range(3):
+                out[c] = np.float32(frame.level * FLAT_LAMP[c])
+            return out
+        if frame.kind != "light":
+            return out
+        x, y = self._grid()
+        gx, gy = frame.sky_gradient
+        sky = np.float32(frame.level) + np.float32(gx) * x + np.float32(gy) * y
+        pos = self.star_positions(frame)
+        fluxes = self.star_fluxes(frame)[:, None] * self.star_colour_factors(frame.object)
+        for c in range(3):
+            out[c] = sky * np.float32(SKY_COLOUR[c])
+            _add_stars(out[c], pos[:, 0], pos[:, 1], fluxes[:, c], frame.fwhm)
+        return out
+
+    def calibrated_rgb(self, frame: SimFrame) -> np.ndarray:
+        """What a perfect calibration and debayer give for ``frame``: truth_rgb x channel QE (float32)."""
+        return self.truth_rgb(frame) * self.channel_qe().astype(np.float32)[:, None, None]
+
+    def _mosaic(self, rgb: np.ndarray) -> np.ndarray:
+        cmap = self.colour_map()
+        return np.take_along_axis(rgb, cmap[None].astype(np.intp), axis=0)[0]
+
+    def _colour_response(self, filter: str | None) -> np.ndarray:
+        """The mosaic's response: channel QE x the channel's own vignetting x the shared dust and pixel variation,
+        each of the four CFA positions with median exactly its channel's QE."""
+        fkey = _filter_key(filter)
+        if ("colour resp", fkey) not in self._cache:
+            h, w = self.shape
+            x, y = self._grid()
+            r2 = (x * x + y * y) / np.float32((0.5 * max(h, w)) ** 2 * 2)
+            mono_vignette = np.float32(1.0) - np.float32(0.3) * r2 - np.float32(0.05) * r2 * r2
+            cmap = self.colour_map()
+            strength = np.asarray(COLOUR_VIGNETTING, dtype=np.float32)[cmap]
+            vignette = np.float32(1.0) - strength * r2 - np.float32(0.05) * r2 * r2
+            shape = self._mono_response(filter) / mono_vignette * vignette
+            for dy in range(2):
+                for dx in range(2):
+                    view = shape[dy::2, dx::2]
+                    view /= np.float32(np.median(view))
+            resp = shape * np.asarray(COLOUR_QE, dtype=np.float32)[cmap]
+            self._cache[("colour resp", fkey)] = _readonly(resp.astype(np.float32))
+        return self._cache[("colour resp", fkey)]
+
+    def _colour_cards(self, frame: SimFrame) -> fits.Header:
+        """BAYERPAT, XBAYROFF/YBAYROFF and ROWORDER as the frame's capture program writes them."""
+        c = self.config
+        cards = fits.Header()
+        d = frame.dialect
+        if not c.debayered and c.bayer_header and c.bayer is not None:
+            xo, yo = c.bayer_offset if d in _OFFSET_DIALECTS else (0, 0)
+            # the stated pattern starts (xo, yo) into the picture: its cell [i][j] is the sensor's [i + yo][j + xo]
+            stated = "".join(c.bayer[2 * ((i + yo) % 2) + (j + xo) % 2] for i in range(2) for j in range(2))
+            cards["BAYERPAT"] = (stated, "Bayer color pattern")
+            if d in _OFFSET_DIALECTS:
+                cards["XBAYROFF"] = (int(xo), "X offset of Bayer array")
+                cards["YBAYROFF"] = (int(yo), "Y offset of Bayer array")
+        if c.row_order == "TOP-DOWN" or d not in ("maxim", "iraf"):  # an absent ROWORDER means bottom-up
+            cards["ROWORDER"] = (c.row_order, "Order of the rows in image array")
+        return cards
+
+    def _debayered(self, mosaic: np.ndarray) -> np.ndarray:
+        """The capture program's own debayer of a raw uint16 mosaic (OpenCV bilinear): uint16 (3, rows, columns)."""
+        import cv2
+
+        rgb = cv2.cvtColor(mosaic, getattr(cv2, f"COLOR_Bayer{self.stored_pattern()}2RGB"))
+        return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
 
 
 # -- stars and cosmic rays -----------------------------------------------------------------------------------
