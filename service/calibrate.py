@@ -4,7 +4,11 @@
 flat, cosmic rays) in place on one float32 copy of the light, and says in the header what it did. The rules
 that keep a reduction correct are enforced here and refused with :class:`CalibrationError`: a dark still
 holding the bias is never scaled, a bias-subtracted dark is never used without the bias, the bias is never
-taken out twice, a flat of another filter is never used.
+taken out twice, a flat of another filter is never used, and a flat never crosses colour layouts (a mono flat on
+a colour light, a colour flat on a mono light, a flat of another Bayer pattern or row order).
+
+Colour frames are calibrated the same way, pixel by pixel: a Bayer mosaic before any interpolation (cosmic rays
+are looked for with the CFA positions brought to one level), a debayered 3-plane cube plane by plane.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from astropy.io import fits
 from nightshift.service import readout
+from nightshift.service.cfa import CfaError, flip_rows, header_layout, shift_pattern
 from nightshift.service.frame import FrameError, Image
 from nightshift.service.provenance import add_history, logged
 from nightshift.service.saturation import calibrated_level, raw_level
@@ -23,8 +28,10 @@ __all__ = [
     "MIN_FLAT",
     "CalibrationError",
     "calibrate",
+    "check_colour",
     "check_dark_bias",
     "check_overscan",
+    "colour_layout",
     "dark_scale",
     "exposure_of",
     "is_bias_subtracted",
@@ -113,6 +120,52 @@ def check_dark_bias(bias: Image | None, dark: Image | None) -> None:
     if not is_bias_subtracted(dark) and bias is not None:
         raise CalibrationError(
             f"the {_kind(dark)} still contains the bias; subtracting the master bias as well would remove it twice"
+        )
+
+
+def colour_layout(image: Image) -> tuple[str, ...] | None:
+    """A frame's colour layout from its header and shape: None for mono, ``("cube",)`` for a 3-plane colour cube,
+    ``("mosaic", pattern, row_order)`` for a Bayer mosaic (the pattern at its first stored pixel; the row order
+    as stated, bottom-up when not stated).
+
+    Raises
+    ------
+    CalibrationError
+        A header whose BAYERPAT, ROWORDER or offsets cannot be understood.
+    """
+    if image.is_colour:
+        return ("cube",)
+    try:
+        _, row_order, pattern = header_layout(image.header, height=image.data.shape[0])
+    except CfaError as exc:
+        raise CalibrationError(str(exc)) from None
+    if pattern is None:
+        return None
+    return ("mosaic", pattern, row_order or "BOTTOM-UP")
+
+
+def _describe_layout(layout: tuple[str, ...] | None) -> str:
+    if layout is None:
+        return "mono"
+    if layout[0] == "cube":
+        return "colour (debayered cube)"
+    return f"colour (Bayer {layout[1]} at the first pixel, rows {layout[2].lower()})"
+
+
+def check_colour(light: Image, master: Image, what: str = "flat") -> None:
+    """Refuse a master whose colour layout is not the light's: a mono flat on a colour light, a colour flat on a
+    mono light, a flat of another Bayer pattern or row order, a cube's master on a mosaic.
+
+    Raises
+    ------
+    CalibrationError
+        Naming both layouts.
+    """
+    mine, theirs = colour_layout(light), colour_layout(master)
+    if mine != theirs:
+        raise CalibrationError(
+            f"the {what} is {_describe_layout(theirs)}, the light is {_describe_layout(mine)}: "
+            "a flat must have the light's colour layout"
         )
 
 
@@ -290,6 +343,48 @@ def _dark_factor(light: Image, dark: Image, dark_factor: float | None) -> float:
     return float(dark_factor)
 
 
+def _retag_mosaic(header: fits.Header, layout: tuple[str, ...], region: tuple[slice, slice]) -> None:
+    """After a trim, state the Bayer pattern of the trimmed mosaic (it starts at another pixel of the cell)."""
+    pattern = shift_pattern(layout[1], region[1].start, region[0].start)
+    height = region[0].stop - region[0].start
+    stated = pattern if layout[2] == "TOP-DOWN" else flip_rows(pattern, height)
+    header["BAYERPAT"] = (stated, "Bayer color pattern of the trimmed frame")
+    for key in ("XBAYROFF", "YBAYROFF"):
+        header.remove(key, ignore_missing=True)
+
+
+def _cosmic_rays_by_colour(
+    work: np.ndarray, header: fits.Header, saturation: float | None, layout: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """L.A.Cosmic on a colour frame: a cube plane by plane; a mosaic at full resolution with each CFA position
+    first scaled to a common sky level, so the colour pattern is not fine structure (a star then shows on all four
+    positions, a cosmic ray on one pixel), and the cleaned values scaled back to their own colour. (L.A.Cosmic on
+    each CFA position's half-resolution pixels alone would take the undersampled stars for cosmic rays.)"""
+    if layout[0] == "cube":
+        hits = np.zeros(work.shape, dtype=bool)
+        for p in range(3):
+            work[p], hits[p], _ = _clean_cosmic_rays(np.ascontiguousarray(work[p]), header, saturation)
+        return work, hits, f"cosmic rays cleaned (L.A.Cosmic on each plane): {int(hits.sum())} pixels"
+    scales = np.ones((2, 2), dtype=np.float32)
+    for dy in range(2):
+        for dx in range(2):
+            level = float(np.median(work[dy::2, dx::2]))
+            scales[dy, dx] = level if math.isfinite(level) and level > 0 else 1.0
+    scales /= np.float32(scales.mean())
+    tile = np.tile(scales, (work.shape[0] // 2 + 1, work.shape[1] // 2 + 1))[: work.shape[0], : work.shape[1]]
+    cleaned, hits, _ = _clean_cosmic_rays(work / tile, header, None if saturation is None else saturation)
+    work = cleaned * tile
+    shown = ", ".join(f"{v:.3f}" for v in scales.ravel())
+    return (
+        work,
+        hits,
+        (
+            f"cosmic rays cleaned (L.A.Cosmic on the mosaic, CFA positions scaled by {shown} to one sky level): "
+            f"{int(hits.sum())} pixels"
+        ),
+    )
+
+
 @logged
 def calibrate(
     light: Image,
@@ -310,7 +405,8 @@ def calibrate(
     Parameters
     ----------
     light : Image
-        The raw light (float32 pixels as read). Never modified.
+        The raw light (float32 pixels as read): a 2-D frame (mono or a Bayer mosaic, as its header says) or a
+        3-plane colour cube (calibrated plane by plane with masters of the same shape). Never modified.
     bias, dark, flat : Image, optional
         Masters; None skips the step. Masters of the raw frame's shape are trimmed like the light; masters
         already of the trimmed shape are used as they are. Where the flat is <= MIN_FLAT or not finite the
@@ -351,7 +447,8 @@ def calibrate(
     ------
     CalibrationError
         A combination of masters that would give a wrong result (see :func:`dark_scale`,
-        :func:`check_dark_bias`), a flat of another filter, mismatched shapes, bad sections.
+        :func:`check_dark_bias`), a flat of another filter or colour layout (:func:`check_colour`), mismatched
+        shapes, bad sections, an overscan or trim asked of a cube.
     """
     check_dark_bias(bias, dark)
     if dark is not None:
@@ -360,6 +457,11 @@ def calibrate(
         raise CalibrationError(
             f"flat is for filter {flat.header.get('FILTER')!r}, the light for {light.header.get('FILTER')!r}"
         )
+    if flat is not None:
+        check_colour(light, flat)
+    layout = colour_layout(light)
+    if layout is not None and layout[0] == "cube" and {overscan, trim} - {None, readout.AUTO, readout.OFF}:
+        raise CalibrationError("a debayered colour cube has no overscan to subtract or trim")
     header = light.header.copy()
     for key in ("BZERO", "BSCALE", "BLANK"):
         header.remove(key, ignore_missing=True, remove_all=True)
@@ -375,13 +477,18 @@ def calibrate(
         saturated = flags.copy()
         if flags.any():
             steps.append(f"{int(flags.sum())} pixels at or above saturation {saturation:g} flagged")
-    work, plan, done = _apply_readout(light, overscan, trim, bias, header)
-    steps += done
-    check_overscan(plan.overscan is not None, raw_shape, bias, dark)
-    region = plan.trim_region
-    if region is not None:
-        flags = np.ascontiguousarray(flags[region])
-        saturated = np.ascontiguousarray(saturated[region]) if saturated is not None else None
+    if layout is not None and layout[0] == "cube":
+        work, region = np.array(light.data, dtype=np.float32, copy=True), None  # no overscan, nothing to trim
+    else:
+        work, plan, done = _apply_readout(light, overscan, trim, bias, header)
+        steps += done
+        check_overscan(plan.overscan is not None, raw_shape, bias, dark)
+        region = plan.trim_region
+        if region is not None:
+            flags = np.ascontiguousarray(flags[region])
+            saturated = np.ascontiguousarray(saturated[region]) if saturated is not None else None
+            if layout is not None:
+                _retag_mosaic(header, layout, region)
     raw_view = light.data[region] if region is not None else light.data
 
     if bias is not None:
@@ -415,7 +522,11 @@ def calibrate(
     for given, what in carried:
         if given is not None:
             flags |= _view(np.asarray(given, dtype=bool), raw_shape, region, f"{what} mask")
-    if cosmic_rays:
+    if cosmic_rays and layout is not None:
+        work, hits, note = _cosmic_rays_by_colour(work, light.header, saturation, layout)
+        flags |= hits
+        steps.append(note)
+    elif cosmic_rays:
         work, hits, note = _clean_cosmic_rays(work, light.header, saturation)
         flags |= hits
         steps.append(note)

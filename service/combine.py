@@ -94,6 +94,8 @@ class _Input:
 def _terms(subtract: Sequence[SubtractTerm], n: int, shape: tuple[int, ...]) -> list[tuple[np.ndarray, list]]:
     terms = []
     for array, factor in subtract:
+        if array.ndim == 3 and array.size == np.prod(shape):
+            array = array.reshape(shape)  # a colour cube's master, planes one under the other as the frames are read
         if array.shape != shape:
             raise ValueError(f"subtracted array has shape {array.shape}, frames have {shape}")
         factors = [float(f) for f in factor] if np.iterable(factor) else [float(factor)] * n
@@ -189,7 +191,8 @@ def combine_files(
     ----------
     paths : sequence of path
         Input files (FITS, compressed or not, or XISF), all of the same 2-D shape once trimmed, all with the
-        same readout. They are only read.
+        same readout; or all 3-plane colour cubes of one shape (each plane combined on its own into a cube).
+        They are only read.
     method : {"average", "median"}
         ``"average"`` is a sigma-clipped mean when ``sigma`` is set (astropy ``sigma_clip`` along the
         stack, centre ``cenfunc``, deviation ``stdfunc``, ``maxiters`` iterations: the defaults match
@@ -200,7 +203,8 @@ def combine_files(
     scale : {"none", "median"}
         ``"median"`` multiplies each frame (after subtraction) by 1 / its own median, as flats need.
     subtract : sequence of (array, factor)
-        float32 arrays of the frames' shape, each multiplied by ``factor`` and subtracted from every input
+        float32 arrays of the frames' shape (a cube for cubes), each multiplied by ``factor`` and subtracted from
+        every input
         before scaling (master bias with factor 1, a dark scaled by exposure). ``factor`` may also be a
         sequence with one factor per input.
     mem_limit_bytes : int
@@ -237,14 +241,17 @@ def combine_files(
         hdus = []
         for p in paths:
             try:
-                hdus.append(_Input(stack.enter_context(open_frame(p)), overscan, trim))
+                source = stack.enter_context(open_frame(p))
+                cube = source.planes > 1  # a debayered colour cube has no overscan
+                hdus.append(_Input(source, OFF if cube else overscan, OFF if cube else trim))
             except FrameError as exc:
                 raise ValueError(f"{p.name}: {exc.message}") from None
         shape = tuple(hdus[0].shape)
+        planes = hdus[0].source.planes
         readout = hdus[0].readout
         raw = tuple(hdus[0].source.shape)
         for path, hdu in zip(paths, hdus, strict=True):
-            if tuple(hdu.source.shape) != raw:
+            if tuple(hdu.source.shape) != raw or hdu.source.planes != planes:
                 raise ValueError(f"{path.name} has shape {hdu.source.shape}, {paths[0].name} has {raw}")
             if hdu.readout.describe() != readout.describe():
                 raise ValueError(
@@ -270,6 +277,9 @@ def combine_files(
                     band[i] *= np.float32(1.0 / medians[i])
             rejected += _combine_band(band, out[y0:y1], method, sigma, cenfunc, stdfunc, maxiters)
             n_bands += 1
+    if planes > 1:
+        shape = (planes, height // planes, width)
+        out = out.reshape(shape)
     stats = {
         "n": n,
         "method": describe_method(method, sigma),

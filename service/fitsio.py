@@ -561,12 +561,33 @@ def read_frame_header(path: Path) -> fits.Header:
 @dataclass
 class FrameSource:
     """An open frame to read in pieces: ``section[rows, columns]`` gives float-convertible pixels with
-    BZERO/BSCALE applied (astropy's ``hdu.section`` for FITS, compressed or not; a memory map for XISF)."""
+    BZERO/BSCALE applied (astropy's ``hdu.section`` for FITS, compressed or not; a memory map for XISF).
+
+    A colour cube of 3 planes reads as one tall 2-D image, its planes one under the other (``planes`` = 3,
+    ``shape`` = (3 x rows, columns)), so that row-band readers work on it unchanged."""
 
     path: Path
     header: fits.Header
     shape: tuple[int, int]
     section: Any
+    planes: int = 1
+
+
+class _Planes:
+    """``section`` of a 3-plane cube as a tall image: rows y of the tall image are plane y // rows, row y % rows."""
+
+    def __init__(self, section: Any, rows: int, planes: int) -> None:
+        self._section, self._rows, self._planes = section, rows, planes
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, columns = key
+        y0, y1, _ = rows.indices(self._rows * self._planes)
+        parts = []
+        for plane in range(y0 // self._rows, (y1 - 1) // self._rows + 1):
+            a = max(y0, plane * self._rows) - plane * self._rows
+            b = min(y1, (plane + 1) * self._rows) - plane * self._rows
+            parts.append(np.asarray(self._section[plane, a:b, columns]))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 @contextlib.contextmanager
@@ -593,8 +614,14 @@ def open_frame(path: Path) -> Iterator[FrameSource]:
         for hdu in hdul:
             if (hdu.is_image or isinstance(hdu, fits.CompImageHDU)) and hdu.header.get("NAXIS", 0) >= 1:
                 shape = tuple(hdu.shape)
+                if len(shape) == 3 and shape[0] == 3:
+                    tall = (3 * shape[1], shape[2])
+                    yield FrameSource(path, header, tall, _Planes(hdu.section, shape[1], 3), planes=3)
+                    return
                 if len(shape) != 2:
-                    raise FrameError("unsupported_dimensions", f"{path.name}: image is {len(shape)}-D, not 2-D")
+                    raise FrameError(
+                        "unsupported_dimensions", f"{path.name}: image is {len(shape)}-D, not 2-D nor 3 planes"
+                    )
                 yield FrameSource(path, header, shape, hdu.section)  # type: ignore[arg-type]
                 return
         raise FrameError("no_image_data", f"{path.name}: no image HDU")

@@ -7,7 +7,8 @@ COMBMETH, BIASSUB/DARKSUB/FLATNORM, OSCANSUB/OVERSCAN/TRIM, the inputs and the s
 input, biases included, first has its own overscan level subtracted and is trimmed when its header (or the
 setting) says so (:mod:`nightshift.service.readout`), so masters have the trimmed shape. Bias is a sigma-clipped
 average; darks are bias-subtracted, then median-combined; flats are bias- (and dark-) subtracted, scaled by their
-own median, combined and normalised to median 1.
+own median, combined and normalised to median 1: a colour camera's flat (a Bayer mosaic) per CFA position and
+a debayered cube's per plane, so that dividing by it changes no colour balance.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nightshift.service.calibrate import (
     exposure_of,
     is_bias_subtracted,
 )
+from nightshift.service.cfa import CfaError, header_layout, normalise_per_position
 from nightshift.service.combine import DEFAULT_MEM_LIMIT, combine_files, read_header
 from nightshift.service.filters import filter_key, header_filter
 from nightshift.service.frame import FrameError, Image
@@ -55,6 +57,9 @@ MATCH_KEYS = (
     "READOUTM",
     "SET-TEMP",
     "BAYERPAT",
+    "XBAYROFF",
+    "YBAYROFF",
+    "ROWORDER",
 )
 _EXPTIME_RTOL = 1e-4
 _EXPTIME_ATOL = 1e-3
@@ -127,7 +132,7 @@ def _check_master(master: Image | None, readout: Readout, what: str) -> None:
     """A master used on a set: of the set's trimmed shape, its bias level treated as the set's is."""
     if master is None:
         return
-    if master.data.shape != readout.shape:
+    if master.data.shape[-2:] != readout.shape:  # a colour cube's master has 3 planes of that shape
         raise CalibrationError(f"{what} has shape {master.data.shape}, the frames are {readout.shape} once trimmed")
 
 
@@ -381,6 +386,38 @@ def _flat_terms(
     return terms, steps, biassub, dark is not None
 
 
+def _normalise(data: np.ndarray, mosaic: bool) -> tuple[str, str, str]:
+    """Normalise a combined flat in place: per plane (cube), per CFA position (mosaic) or by one median.
+
+    Returns the FLATNORM value, its comment and the step line."""
+    if data.ndim == 3:
+        levels = []
+        for plane in data:
+            level = float(np.median(plane))
+            if not math.isfinite(level) or level <= 0:
+                raise CalibrationError(f"combined flat has a plane of median {level:g}; cannot normalise")
+            plane /= np.float32(level)
+            levels.append(level)
+        shown = ", ".join(f"{c} {v:.6g}" for c, v in zip("RGB", levels, strict=True))
+        return "median per plane", "each colour plane divided by its median", f"normalised per plane ({shown})"
+    if mosaic:
+        try:
+            levels = normalise_per_position(data)
+        except CfaError as exc:
+            raise CalibrationError(f"combined flat: {exc}") from None
+        shown = ", ".join(f"{v:.6g}" for v in levels)
+        return (
+            "median per CFA position",
+            "each Bayer position to median 1",
+            f"normalised per CFA position, medians (0,0) (0,1) (1,0) (1,1): {shown}",
+        )
+    norm = float(np.median(data))
+    if not math.isfinite(norm) or norm <= 0:
+        raise CalibrationError(f"combined flat has median {norm:g}; cannot normalise")
+    data /= np.float32(norm)
+    return "median", "master divided by its median: median = 1", f"normalised by its median {norm:.6g}"
+
+
 @logged
 def make_master_flat(
     paths: Sequence[Path | str],
@@ -394,12 +431,16 @@ def make_master_flat(
     mem_limit_bytes: int = DEFAULT_MEM_LIMIT,
     overscan: str | None = AUTO,
     trim: str | None = AUTO,
+    mosaic: bool | None = None,
 ) -> Image:
     """Master flat of one filter, normalised so its median is 1 (FLATNORM = 'median').
 
     Each flat is bias-subtracted (and dark-subtracted when a dark is given: a bias-subtracted dark is
     scaled to each flat's exposure), scaled by 1 / its own median, the stack combined, and the result
-    divided by its median.
+    divided by its median. A colour camera's flat is normalised per colour instead, so the flat lamp's colour
+    and the channels' sensitivities are not imprinted on the lights: a Bayer mosaic per CFA position
+    (FLATNORM = 'median per CFA position', each of the four positions of the 2x2 cell to median 1), a debayered
+    3-plane cube per plane (FLATNORM = 'median per plane').
 
     Parameters
     ----------
@@ -422,11 +463,15 @@ def make_master_flat(
         Working memory for the combine.
     overscan, trim : str
         How each input is read first, as for :func:`make_master_bias`; the masters must be made the same way.
+    mosaic : bool, optional
+        The flats are Bayer mosaics. None: when the first flat's header states a Bayer pattern (BAYERPAT);
+        True for a colour camera whose headers say nothing (the camera's configured pattern).
 
     Returns
     -------
     Image
-        float32 with median 1, IMAGETYP 'MASTER FLAT', FILTER, BIASSUB, DARKSUB, FLATNORM = 'median', OSCANSUB.
+        float32 with median 1 (per CFA position or plane for colour), IMAGETYP 'MASTER FLAT', FILTER, BIASSUB,
+        DARKSUB, FLATNORM, OSCANSUB.
 
     Raises
     ------
@@ -447,14 +492,16 @@ def make_master_flat(
     levels = stats["medians"]
     steps.append(f"each flat scaled by 1/its median (levels {min(levels):.6g} to {max(levels):.6g})")
     steps.append(_combined(stats))
-    norm = float(np.median(data))
-    if not math.isfinite(norm) or norm <= 0:
-        raise CalibrationError(f"combined flat has median {norm:g}; cannot normalise")
-    data /= np.float32(norm)
-    steps.append(f"normalised by its median {norm:.6g}")
+    if mosaic is None:
+        try:
+            mosaic = header_layout(headers[0])[2] is not None
+        except CfaError as exc:
+            raise CalibrationError(f"{Path(paths[0]).name}: {exc}") from None
+    flatnorm, comment, step = _normalise(data, mosaic)
+    steps.append(step)
     cards = {
         **_subtracted(biassub, darksub),
-        "FLATNORM": ("median", "master divided by its median: median = 1"),
+        "FLATNORM": (flatnorm, comment),
         "FLATLVL": (float(np.median(levels)), "[ADU] median level of the inputs"),
         **_readout_cards(readout),
     }
