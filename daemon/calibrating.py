@@ -1,9 +1,10 @@
 """Calibrating one light: choose its masters, apply them, write the product and its picture, record the choice.
 
 *plan* (:func:`plan_light`) chooses the masters on the archive's thread, *compute* (:func:`compute_light`) reads,
-calibrates and writes from plain data only (a worker thread or a Dask worker can run it), *record*
-(:func:`record_light`, :func:`refuse_light`) writes the outcome. A light whose masters do not exist yet waits as
-``pending`` with the reason; the pipeline retries it whenever a new master appears.
+calibrates (a colour light on its raw mosaic, then debayered) and writes from plain data only (a worker thread or
+a Dask worker can run it), *record* (:func:`record_light`, :func:`refuse_light`) writes the outcome. A light whose
+masters do not exist yet waits as ``pending`` with the reason; the pipeline retries it whenever a new master
+appears.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from nightshift.daemon.config import CalibrationConfig
 from nightshift.daemon.mastercache import MASTERS, combined_mask
 from nightshift.daemon.workspace import Timings, Workspace
 from nightshift.service.calibrate import calibrate
+from nightshift.service.cfa import state_pattern
+from nightshift.service.colour import develop
+from nightshift.service.colour_preview import colour_side_by_side_png
 from nightshift.service.fitsio import read_image, write_bytes_atomic, write_fits_atomic
 from nightshift.service.preview import side_by_side_png
 
@@ -73,8 +77,11 @@ def compute_light(job: LightJob) -> LightResult:
     rules, choice = job.rules, job.choice
     overscan, trim = readout_settings(job.frame, rules)
     result = LightResult(job.calibrated, job.preview)
+    frame = job.frame
+    colour = frame.get("cfa") is not None or frame.get("naxis3") is not None
     with result.timings.stage("calibrate"):
-        raw = read_image(Path(job.frame["path"]))
+        raw = read_image(Path(frame["path"]))
+        state_pattern(raw.header, frame.get("bayerpat") if frame.get("naxis3") is None else None)
         bias, dark, flat = (MASTERS.get(job.masters[k]) if k in job.masters else None for k in ("bias", "dark", "flat"))
         provenance = [
             f"{m['kind']}: {m['path']} sha256:{m['sha256'][:16]}" for m in (choice.bias, choice.dark, choice.flat) if m
@@ -92,10 +99,16 @@ def compute_light(job: LightJob) -> LightResult:
             cosmic_rays=rules.cosmic_rays,
             provenance=provenance,
         )
+        if colour:  # calibrated on the mosaic (or plane by plane); now its three colour planes
+            out = develop(out)
         write_fits_atomic(job.calibrated, out)
     with result.timings.stage("preview"):
         shown = out.mask if out.saturated is None else out.mask & ~out.saturated  # a saturated core is no hole
-        write_bytes_atomic(job.preview, side_by_side_png(raw.data, out.data, mask=shown))
+        if colour:
+            picture = colour_side_by_side_png(raw.data, out.data, mask=shown)
+        else:
+            picture = side_by_side_png(raw.data, out.data, mask=shown)
+        write_bytes_atomic(job.preview, picture)
     return result
 
 

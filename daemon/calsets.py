@@ -26,6 +26,7 @@ from nightshift.daemon.choose import find_master, readout_settings
 from nightshift.daemon.config import ALWAYS_MATCHED, SETUP_KEYS, CalibrationConfig
 from nightshift.daemon.mastercache import MASTERS
 from nightshift.daemon.workspace import Timings, Workspace
+from nightshift.service.cfa import state_pattern
 from nightshift.service.fitsio import sha256_file, write_fits_atomic
 from nightshift.service.frame import Image
 from nightshift.service.masters import (
@@ -60,6 +61,15 @@ class CalSet:
         return self.frames[0]
 
 
+#: A frame's colour layout: never merged across, whatever the match keys (see ``choose.same_layout``).
+LAYOUT_KEYS = ("naxis3", "roworder", "cfa")
+
+
+def _layout(frame: dict[str, Any]) -> tuple[Any, ...]:
+    colour = frame.get("cfa") is not None or frame.get("naxis3") is not None
+    return (frame.get("naxis3"), (frame.get("roworder") or "BOTTOM-UP") if colour else None, frame.get("cfa"))
+
+
 def _keys(match_keys: list[str]) -> list[str]:
     return [*match_keys, *(k for k in ALWAYS_MATCHED if k not in match_keys)]
 
@@ -67,6 +77,9 @@ def _keys(match_keys: list[str]) -> list[str]:
 def set_key(frame: dict[str, Any], match_keys: list[str]) -> tuple[str, str]:
     """(key, file-name slug) of the calibration set ``frame`` belongs to (the readout always counts)."""
     parts = [frame["kind"], frame["night"]] + [f"{k}={frame.get(k)}" for k in _keys(match_keys)]
+    naxis3, roworder, cfa = _layout(frame)
+    if naxis3 is not None or cfa is not None:
+        parts.append(f"layout={naxis3}/{roworder}/{cfa}")
     st = frame.get("set_temp")
     parts.append(f"set_temp={round(st) if st is not None else None}")
     slug_parts = [
@@ -84,6 +97,10 @@ def set_key(frame: dict[str, Any], match_keys: list[str]) -> tuple[str, str]:
     readout = frame.get("readout")
     if readout and readout != "raw":
         slug_parts.append(safe_component(readout.rpartition(": ")[2], default="trimmed"))  # the trimmed shape
+    if naxis3 is not None:
+        slug_parts.append(f"rgb{'td' if roworder == 'TOP-DOWN' else 'bu'}")
+    elif cfa is not None:
+        slug_parts.append(f"{cfa.lower()}{'td' if roworder == 'TOP-DOWN' else 'bu'}")
     return "|".join(parts), "_".join(slug_parts)
 
 
@@ -106,7 +123,13 @@ def _merge_unstated(rows: list[dict[str, Any]], match_keys: list[str]) -> dict[s
     clusters: list[tuple[dict[str, Any], list[CalSet]]] = []
     for s in sorted(groups.values(), key=lambda g: -len(stated(g))):
         mine = stated(s)
-        fits_ = [c for c in clusters if c[1][0].kind == s.kind and all(c[0].get(k, v) == v for k, v in mine.items())]
+        fits_ = [
+            c
+            for c in clusters
+            if c[1][0].kind == s.kind
+            and _layout(c[1][0].first) == _layout(s.first)
+            and all(c[0].get(k, v) == v for k, v in mine.items())
+        ]
         if len(fits_) == 1:
             fits_[0][0].update(mine)
             fits_[0][1].append(s)
@@ -322,6 +345,7 @@ def compute_master(plan: MasterPlan) -> MasterResult:
     overscan, trim = readout_settings(s.first, cfg)
     read = {"overscan": overscan, "trim": trim}
     timings = Timings()
+    first = s.first
     with timings.stage("master"):
         bias_img, dark_img, darkflat_img = _load(plan, "bias"), _load(plan, "dark"), _load(plan, "darkflat")
         if s.kind == "bias":
@@ -352,9 +376,12 @@ def compute_master(plan: MasterPlan) -> MasterResult:
                 inputs_note=inputs,
                 mem_limit_bytes=mem,
                 **read,
+                mosaic=first.get("cfa") is not None,
             )
-            method = f"median-scaled {cfg.flat_method}, normalised to median 1"
+            per = {"median per CFA position": " per CFA position", "median per plane": " per plane"}
+            method = f"median-scaled {cfg.flat_method}, normalised to median 1{per.get(img.header['FLATNORM'], '')}"
             img.mask = bad_pixel_mask(flat=img, low=cfg.flat_low, high=cfg.flat_high)
+        state_pattern(img.header, first.get("bayerpat") if first.get("naxis3") is None else None)
         img.header["MASTERV"] = (plan.version, "nightshift master version for this calibration set")
         write_fits_atomic(plan.path, img)
     return MasterResult(sha256_file(plan.path), method, img.mask is not None, timings)

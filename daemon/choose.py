@@ -3,7 +3,8 @@
 A master matches when it has the same values for the configured match keys, the same readout (overscan
 subtracted or not, the same region kept: always), a set-point within the tolerance, (flats) the same filter,
 (darks) an exposure that can serve, and lies within its kind's age limit; among those, the one nearest in time
-wins.
+wins. Whatever the match keys, a master has the frame's colour layout (:func:`same_layout`): a colour light never
+takes a mono flat, nor a flat of another Bayer pattern or row order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from nightshift.daemon.archive import Archive
 from nightshift.daemon.config import ALWAYS_MATCHED, CalibrationConfig
 from nightshift.service.readout import OFF, Readout
 
-__all__ = ["Choice", "choose_for_light", "find_master", "readout_settings"]
+__all__ = ["Choice", "choose_for_light", "describe_layout", "find_master", "readout_settings", "same_layout"]
 
 
 def _where_match(keys: list[str], frame: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -44,6 +45,33 @@ def readout_settings(frame: dict[str, Any], rules: CalibrationConfig) -> tuple[s
     return readout.overscan or OFF, readout.trim or OFF
 
 
+def same_layout(kind: str, frame: dict[str, Any]) -> tuple[str, list[Any]]:
+    """SQL that keeps only masters of ``frame``'s colour layout (never relaxed, unlike the match keys).
+
+    The same planes (a debayered cube's masters are cubes, a 2-D frame's are 2-D); for a colour frame the same row
+    order (a frame stored upside down puts every pixel elsewhere; unstated means bottom-up, as in FITS); for a
+    flat the same Bayer pattern at the first pixel, NULL for NULL: a mono flat never calibrates a colour light and
+    a colour flat never a mono one.
+    """
+    parts, args = ["m.naxis3 IS ?"], [frame.get("naxis3")]
+    if frame.get("cfa") is not None or frame.get("naxis3") is not None:
+        parts.append("COALESCE(m.roworder, 'BOTTOM-UP') = ?")
+        args.append(frame.get("roworder") or "BOTTOM-UP")
+    if kind == "flat":
+        parts.append("m.cfa IS ?")
+        args.append(frame.get("cfa"))
+    return " AND ".join(parts), args
+
+
+def describe_layout(frame: dict[str, Any]) -> str:
+    """A frame's colour layout in words for reasons and notes ("" for a mono frame)."""
+    if frame.get("naxis3") is not None:
+        return f"colour cube of {frame['naxis3']} planes, rows {(frame.get('roworder') or 'BOTTOM-UP').lower()}"
+    if frame.get("cfa") is not None:
+        return f"Bayer {frame['cfa']} at the first pixel, rows {(frame.get('roworder') or 'BOTTOM-UP').lower()}"
+    return ""
+
+
 def find_master(
     archive: Archive,
     cfg: CalibrationConfig,
@@ -58,8 +86,9 @@ def find_master(
 ) -> dict[str, Any] | None:
     """The best current master of ``kind`` for ``frame`` (a frames row or any dict with the match keys)."""
     match_sql, params = _where_match(cfg.match_keys, frame)
-    sql = [f"SELECT m.* FROM masters m WHERE m.kind = ? AND m.superseded_by IS NULL AND {match_sql}"]
-    args: list[Any] = [kind, *params]
+    layout_sql, layout_args = same_layout(kind, frame)
+    sql = [f"SELECT m.* FROM masters m WHERE m.kind = ? AND m.superseded_by IS NULL AND {match_sql} AND {layout_sql}"]
+    args: list[Any] = [kind, *params, *layout_args]
     if frame.get("set_temp") is not None:
         sql.append("AND (m.set_temp IS NULL OR abs(m.set_temp - ?) <= ?)")
         args += [frame["set_temp"], cfg.temp_tolerance]
@@ -113,6 +142,8 @@ def _describe(m: dict[str, Any]) -> str:
         what += f", {m['exptime']:g}s" + (", bias-subtracted" if m["bias_subtracted"] else ", bias included")
     if m["kind"] == "flat":
         what += f", filter {m['filter']}"
+        if describe_layout(m):
+            what += f", {describe_layout(m)}"
     return what + ")"
 
 
@@ -182,7 +213,9 @@ def choose_for_light(
         c.flat = flat
         c.notes.append(f"flat: {_describe(flat)}")
     else:
-        c.missing.append(f"no flat for filter {light.get('filter') or '(none)'}, {binning}")
+        layout = describe_layout(light)
+        where = f"{binning}, {layout}" if layout else binning
+        c.missing.append(f"no flat for filter {light.get('filter') or '(none)'}, {where}")
     for m in (c.bias, c.dark, c.flat):
         if m is not None and m["night"] != light["night"]:
             c.notes.append(f"{m['kind']} from the library: night {m['night']} (this night has none of its own)")

@@ -91,6 +91,7 @@ class Pipeline:
             filter_keep_case=c.filter_case == "keep",
             overscan=config.calibration.overscan or "off",
             trim=config.calibration.trim or "off",
+            bayer_patterns=dict(c.bayer_pattern),
         )
         self.filter_names = FilterNames(keep_case=c.filter_case == "keep")
         self.masters_changed = True

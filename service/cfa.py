@@ -36,6 +36,7 @@ __all__ = [
     "parse_pattern",
     "parse_row_order",
     "shift_pattern",
+    "state_pattern",
 ]
 
 #: The four Bayer patterns, named by their 2x2 cell read row by row.
@@ -190,6 +191,21 @@ def header_layout(
     rows = int(height if height is not None else header.get("NAXIS2", 0) or 0)
     xoff, yoff = _int_card(header, "XBAYROFF"), _int_card(header, "YBAYROFF")
     return stated, row_order, array_pattern(stated, row_order=row_order, height=rows, xoff=xoff, yoff=yoff)
+
+
+def state_pattern(header: fits.Header, stated: str | None) -> None:
+    """Make ``header`` state the Bayer pattern decided for its frame (in place).
+
+    A frame's pattern can come from the camera's setting rather than its header, and a camera set to mono has its
+    header's BAYERPAT set aside; the frame's archive row holds the decision (``bayerpat``). Given that pattern
+    (as read from the picture's top-left), BAYERPAT is written when the header states none; given None, BAYERPAT
+    and the Bayer offsets are removed. A header that already states the pattern is left as it is.
+    """
+    if stated is None:
+        for key in ("BAYERPAT", "XBAYROFF", "YBAYROFF"):
+            header.remove(key, ignore_missing=True, remove_all=True)
+    elif parse_pattern(header.get("BAYERPAT")) is None:
+        header["BAYERPAT"] = (stated, "Bayer pattern of the camera (nightshift setting)")
 
 
 def channel_of(pattern: str) -> np.ndarray:
