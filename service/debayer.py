@@ -39,14 +39,18 @@ _G_KERNEL = np.array([[0.0, 0.25, 0.0], [0.25, 1.0, 0.25], [0.0, 0.25, 0.0]], dt
 
 def _bilinear(mosaic: np.ndarray, pattern: str) -> np.ndarray:
     h, w = mosaic.shape
-    out = np.zeros((3, h, w), dtype=np.float32)
+    out = np.empty((3, h, w), dtype=np.float32)
+    sparse = np.empty((h, w), dtype=np.float32)  # one plane's samples, zeros elsewhere
     cell = channel_of(pattern)
-    for dy in range(2):
-        for dx in range(2):
-            out[cell[dy, dx], dy::2, dx::2] = mosaic[dy::2, dx::2]
     for plane, kernel in ((0, _RB_KERNEL), (1, _G_KERNEL), (2, _RB_KERNEL)):
-        # reflecting about the edge pixel keeps the CFA's parity, so edges are interpolated like the inside
-        cv2.filter2D(out[plane], cv2.CV_32F, kernel, dst=out[plane], borderType=cv2.BORDER_REFLECT_101)
+        sparse.fill(0.0)
+        for dy in range(2):
+            for dx in range(2):
+                if cell[dy, dx] == plane:
+                    sparse[dy::2, dx::2] = mosaic[dy::2, dx::2]
+        # reflecting about the edge pixel keeps the CFA's parity, so edges are interpolated like the inside;
+        # a separate destination (not in place) lets OpenCV's threads work without a hidden copy
+        cv2.filter2D(sparse, cv2.CV_32F, kernel, dst=out[plane], borderType=cv2.BORDER_REFLECT_101)
     return out
 
 
