@@ -3,10 +3,13 @@ calibrated on their mosaic and debayered, on real archive files."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from astropy.io import fits
 from nightshift.daemon.archive import Archive
 from nightshift.daemon.calsets import set_key
 from nightshift.daemon.choose import choose_for_light, find_master
@@ -111,3 +114,53 @@ def test_calibration_sets_of_other_layouts_are_kept_apart() -> None:
     cube = set_key({**base, "naxis3": 3, "roworder": "TOP-DOWN"}, keys)
     assert len({mono[0], colour[0], other[0], cube[0]}) == 4
     assert len({mono[1], colour[1], other[1], cube[1]}) == 4  # the master files' names differ too
+
+
+def _nightshift(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nightshift.daemon.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_simulate_writes_a_colour_night_from_the_command_line(tmp_path: Path) -> None:
+    camera = tmp_path / "camera"
+    result = _nightshift(
+        "simulate",
+        str(camera),
+        "--size",
+        "64",
+        "--lights",
+        "1",
+        "--calibrations",
+        "1",
+        "--dialect",
+        "nina",
+        "--bayer",
+        "GRBG",
+        "--row-order",
+        "BOTTOM-UP",
+    )
+    assert result.returncode == 0, result.stderr
+    files = sorted(camera.rglob("*.fits"))
+    assert files
+    for path in files:
+        header = fits.getheader(path)
+        assert (header["BAYERPAT"], header["ROWORDER"], header["NAXIS"]) == ("GRBG", "BOTTOM-UP", 2)
+        assert "FILTER" not in header
+    result = _nightshift(
+        "simulate",
+        str(tmp_path / "cubes"),
+        "--size",
+        "64",
+        "--lights",
+        "1",
+        "--calibrations",
+        "1",
+        "--bayer",
+        "RGGB",
+        "--debayered",
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(fits.getheader(p)["NAXIS3"] == 3 for p in (tmp_path / "cubes").rglob("*.fit*"))
+    refused = _nightshift("simulate", str(tmp_path / "x"), "--debayered")
+    assert refused.returncode == 2 and "--bayer" in refused.stderr
