@@ -171,21 +171,24 @@ def header_layout(
     Raises
     ------
     CfaError
-        A pattern, row order or offset that cannot be understood.
+        A pattern, row order or offset that cannot be understood (a mono frame's row order is not needed: one
+        that cannot be understood is left out).
     """
-    row_order = parse_row_order(header.get("ROWORDER"))
     camera = str(camera if camera is not None else header.get("INSTRUME", "") or "").strip()
     setting = None
     if configured:
         folded = {str(k).strip().lower(): v for k, v in configured.items()}
         setting = folded.get(camera.lower())
-    if setting is not None and str(setting).strip().lower() == "mono":
-        return None, row_order, None
-    stated = parse_pattern(header.get("BAYERPAT"))
-    if stated is None and setting is not None:
+    mono = setting is not None and str(setting).strip().lower() == "mono"
+    stated = None if mono else parse_pattern(header.get("BAYERPAT"))
+    if stated is None and setting is not None and not mono:
         stated = parse_pattern(setting)
-    if stated is None:
-        return None, row_order, None
+    if stated is None:  # a mono frame: a ROWORDER nightshift cannot read changes nothing
+        try:
+            return None, parse_row_order(header.get("ROWORDER")), None
+        except CfaError:
+            return None, None, None
+    row_order = parse_row_order(header.get("ROWORDER"))
     if int(header.get("NAXIS", 2) or 2) == 3:
         return stated, row_order, None
     rows = int(height if height is not None else header.get("NAXIS2", 0) or 0)

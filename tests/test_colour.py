@@ -138,6 +138,7 @@ def test_pattern_arithmetic():
         header_layout(fits.Header({"BAYERPAT": "XTRANS", "NAXIS": 2, "NAXIS2": 10}))
     with pytest.raises(CfaError):
         header_layout(fits.Header({"BAYERPAT": "RGGB", "ROWORDER": "SIDEWAYS", "NAXIS": 2, "NAXIS2": 10}))
+    assert header_layout(fits.Header({"ROWORDER": "SIDEWAYS", "NAXIS": 2, "NAXIS2": 10})) == (None, None, None)
 
 
 def test_camera_setting_supplies_or_overrides_the_pattern():
