@@ -219,7 +219,7 @@ def test_master_flat_is_normalised_per_cfa_position(colour_night):
 
 
 def test_master_bias_dark_and_flat_keep_the_colour_words(colour_night):
-    plan, folder, masters = colour_night
+    plan, _folder, masters = colour_night
     light_header = plan.header(plan.by_kind("light")[0])
     for master in masters:
         assert master.header["BAYERPAT"] == light_header["BAYERPAT"]
@@ -397,7 +397,7 @@ def test_classify_takes_the_camera_setting(tmp_path):
     configured = ClassifyOptions(bayer_patterns={COLOUR_CAMERA.upper(): "GRBG"})
     meta = inspect_frame(path, options=configured)
     assert (meta.bayerpat, meta.cfa) == ("GRBG", plan.stored_pattern())
-    assert "camera's setting" in meta.extra["bayer_note"]
+    assert "from the camera's setting" in meta.header_note
     with pytest.raises(ValueError):
         ClassifyOptions(bayer_patterns={"x": "XTRANS"})
 
