@@ -29,6 +29,7 @@ from nightshift.daemon.archive import now_iso
 from nightshift.daemon.config import GradingConfig, StackingConfig
 from nightshift.daemon.products import product_shape
 from nightshift.daemon.workspace import Timings, Workspace
+from nightshift.service.colour_preview import colour_preview_png
 from nightshift.service.fitsio import read_flags, read_image, write_bytes_atomic, write_fits_atomic
 from nightshift.service.frame import Image
 from nightshift.service.grade import Grade, grade_frame, judge, transparency
@@ -78,6 +79,19 @@ def _group_args(f: dict[str, Any]) -> list[Any]:
 def _score(row: dict[str, Any]) -> float:
     """How good a frame is as an alignment reference: many sharp stars."""
     return (row.get("n_stars") or 0) / max(row.get("fwhm") or 0.5, 0.5)
+
+
+def stack_shape(frame: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of the stack a frame (its reference) sets: its product shape, with 3 planes for a colour camera."""
+    shape = product_shape(frame)
+    return (3, *shape) if frame.get("cfa") is not None or frame.get("naxis3") is not None else shape
+
+
+def stack_picture(image: Image, title: str) -> bytes:
+    """A stack's PNG: in colour (neutral sky, one stretch) for a colour stack, grey for a mono one."""
+    if image.is_colour:
+        return colour_preview_png(image.data, mask=image.mask, title=title)
+    return preview_png(image.data, mask=image.mask, title=title)
 
 
 def read_frame(path: Path) -> Image:
@@ -169,7 +183,7 @@ def compute_final(job: FinalJob) -> FinalResult:
     with result.timings.stage("preview"):
         stack = job.stack
         title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(job.members)}"
-        write_bytes_atomic(job.preview, preview_png(image.data, mask=image.mask, title=title))
+        write_bytes_atomic(job.preview, stack_picture(image, title))
     return result
 
 
@@ -188,7 +202,7 @@ def compute_align(job: AlignJob) -> AlignResult:
                 raise AlignError("no star list to align with")
             guess = None
             if job.reference_calibrated is not None:
-                guess = wcs_transform(img.header, fits.getheader(job.reference_calibrated), img.data.shape)
+                guess = wcs_transform(img.header, fits.getheader(job.reference_calibrated), img.plane_shape)
             stars = StarList.from_dict(job.stars)
             try:
                 transform = find_transform(stars, StarList.from_dict(job.reference_stars), guess=guess)
@@ -407,7 +421,7 @@ class Stacker:
             if final or last is None or time.monotonic() - last >= STACK_PREVIEW_SECONDS or not preview.exists():
                 with self.metrics.stage("preview"):
                     title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(members)}"
-                    write_bytes_atomic(preview, preview_png(image.data, mask=image.mask, title=title))
+                    write_bytes_atomic(preview, stack_picture(image, title))
                 self.stack_previews[stack["id"]] = time.monotonic()
         ids = [m["id"] for m in members]
         with self.archive.transaction():
@@ -440,7 +454,7 @@ class Stacker:
             [stack_id],
         )
 
-    def _live(self, stack: dict[str, Any], members: list[dict[str, Any]], shape: tuple[int, int]) -> LiveStack:
+    def _live(self, stack: dict[str, Any], members: list[dict[str, Any]], shape: tuple[int, ...]) -> LiveStack:
         """The running stack of ``stack`` in memory, rebuilt from the aligned frames on disk after a restart."""
         live = self.live_stacks.get(stack["id"])
         if live is not None and live.n == len(members):
@@ -489,7 +503,7 @@ class Stacker:
             if members:
                 image = None
                 if self.live:
-                    live = self._live(stack, members, product_shape(frame))
+                    live = self._live(stack, members, stack_shape(frame))
                     image = live.image(self._stack_header(stack, members, final=False), history=False)
                 self._write_stack(stack, image, members, final=False)
             self.archive.event(
@@ -592,7 +606,7 @@ class Stacker:
             members.append(frame)
             image = None
             if self.live:
-                live = self._live(stack, members[:-1], product_shape(ref))
+                live = self._live(stack, members[:-1], stack_shape(ref))
                 live.add(read_frame(self.layout.root / frame["aligned_path"]))
                 image = live.image(self._stack_header(stack, members, final=False), history=False)
             self._write_stack(stack, image, members, final=False)

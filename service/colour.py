@@ -10,6 +10,7 @@ interpolating it would mix colours.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from astropy.io import fits
 from nightshift.service.calibrate import CalibrationError, colour_layout
@@ -29,12 +30,13 @@ def is_colour(image: Image) -> bool:
     return image.is_colour or colour_layout(image) is not None
 
 
-def plane_mask(image: Image) -> np.ndarray | None:
-    """The frame's mask as one (rows, columns) mask: a pixel bad in any plane is bad."""
-    if image.mask is None:
+def plane_mask(image: Image, flags: str = "mask") -> np.ndarray | None:
+    """The frame's mask (or its ``saturated`` flags) as one (rows, columns) array: set where any plane has it."""
+    given = getattr(image, flags)
+    if given is None:
         return None
-    mask = np.asarray(image.mask, dtype=bool)
-    return mask.any(axis=0) if mask.ndim == 3 else mask
+    given = np.asarray(given, dtype=bool)
+    return given.any(axis=0) if given.ndim == 3 else given
 
 
 def _two_d_wcs(header: fits.Header) -> None:
@@ -58,10 +60,12 @@ def develop(image: Image, *, method: str = DEFAULT_METHOD) -> Image:
     Returns
     -------
     Image
-        float32 (3, rows, columns) and one (rows, columns) mask. A mosaic's masked pixels (hot, dead, saturated,
-        cosmic rays) are first replaced by the median of their good same-colour neighbours so that no bad value
-        leaks into the neighbours' interpolated colours; they stay masked. The header loses BAYERPAT and the Bayer
-        offsets, gains DEBAYER (the method) and a step line saying which pattern was used.
+        float32 (3, rows, columns) and one (rows, columns) mask. A mosaic's masked pixels (hot, dead, cosmic rays)
+        are first replaced by the median of their good same-colour neighbours so that no bad value leaks into the
+        neighbours' interpolated colours; they stay masked. Saturated pixels keep their values (a star's top) and
+        their flags grow to the 3x3 pixels whose colours are interpolated from them (flagged bad too). The header
+        loses BAYERPAT and the Bayer offsets, gains DEBAYER (the method) and a step line saying which pattern was
+        used.
 
     Raises
     ------
@@ -72,16 +76,18 @@ def develop(image: Image, *, method: str = DEFAULT_METHOD) -> Image:
     if layout is None:
         return image
     header = image.header.copy()
-    mask = plane_mask(image)
+    mask, saturated = plane_mask(image), plane_mask(image, "saturated")
     if layout[0] == "cube":
         _two_d_wcs(header)
-        return Image(data=image.data, header=header, mask=mask)
+        return Image(data=image.data, header=header, mask=mask, saturated=saturated)
     pattern = layout[1]
     mosaic = np.array(image.data, dtype=np.float32, copy=True)
     bad = ~np.isfinite(mosaic)
     if mask is not None:
         bad |= mask
-    filled = fill_from_same_colour(mosaic, bad, pattern) if bad.any() else 0
+    # a saturated pixel keeps its value (the star's top, a lower bound); other bad pixels take their colour's
+    fill = bad & ~saturated if saturated is not None else bad
+    filled = fill_from_same_colour(mosaic, fill, pattern) if fill.any() else 0
     left = ~np.isfinite(mosaic)
     if left.any():  # no good neighbour of its colour: a value is needed, the mask says it is not real
         mosaic[left] = np.float32(np.nanmedian(mosaic))
@@ -100,15 +106,19 @@ def develop(image: Image, *, method: str = DEFAULT_METHOD) -> Image:
         f"debayered ({method}) with pattern {pattern} at the first pixel (BAYERPAT {stated!r}, ROWORDER "
         f"{layout[2]}); {filled} bad pixels first filled from same-colour neighbours",
     )
-    return Image(data=rgb, header=header, mask=bad)
+    if saturated is not None and saturated.any():
+        # every colour interpolated from a saturated sample is a lower bound too: the 3x3 the debayer reaches
+        saturated = cv2.dilate(saturated.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        bad |= saturated
+    return Image(data=rgb, header=header, mask=bad, saturated=saturated)
 
 
 def luminance(image: Image) -> Image:
     """The frame to find and measure stars on: the mean of a colour frame's planes (a mono frame as it is).
 
-    The header is the frame's; the mask is the frame's one (rows, columns) mask.
+    The header is the frame's; the mask and saturation flags are the frame's, one (rows, columns) array each.
     """
     if not image.is_colour:
         return image
     lum = np.mean(image.data, axis=0, dtype=np.float32)
-    return Image(data=lum, header=image.header, mask=plane_mask(image))
+    return Image(data=lum, header=image.header, mask=plane_mask(image), saturated=plane_mask(image, "saturated"))

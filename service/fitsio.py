@@ -674,18 +674,29 @@ def write_fits_atomic(path: Path, image: Image, *, extra_hdus: list | None = Non
     image : Image
         Pixels go to the primary HDU as float32 under ``image.header`` (its BZERO/BSCALE/BLANK, structural
         and checksum keywords dropped); ``image.mask`` and ``image.saturated``, if any, to an ImageHDU named
-        MASK (uint8 bits: :data:`MASK_BAD` = 1 bad, :data:`MASK_SATURATED` = 2 saturated).
+        MASK (uint8 bits: :data:`MASK_BAD` = 1 bad, :data:`MASK_SATURATED` = 2 saturated): for a colour frame one
+        (rows, columns) plane for all three planes, unless its flags are all per plane.
     extra_hdus : list, optional
         More astropy HDUs appended after MASK.
     """
     data = np.asarray(image.data, dtype=np.float32)
     hdus: list = [fits.PrimaryHDU(data=data, header=_clean_header(image.header))]
     if image.mask is not None or image.saturated is not None:
-        flags = np.zeros(data.shape, dtype=np.uint8)
+        given = [np.asarray(f, dtype=bool) for f in (image.mask, image.saturated) if f is not None]
+        # a colour frame's flags are one plane for all three unless every one of them is per plane
+        shape = data.shape if all(f.shape == data.shape for f in given) else data.shape[-2:]
+
+        def plane(f: np.ndarray | None) -> np.ndarray | None:
+            if f is None:
+                return None
+            f = np.asarray(f, dtype=bool)
+            return f.any(axis=0) if f.shape != shape else f
+
+        flags = np.zeros(shape, dtype=np.uint8)
         if image.mask is not None:
-            flags[np.asarray(image.mask, dtype=bool)] = MASK_BAD
+            flags[plane(image.mask)] = MASK_BAD
         if image.saturated is not None:
-            flags[np.asarray(image.saturated, dtype=bool)] |= MASK_SATURATED
+            flags[plane(image.saturated)] |= MASK_SATURATED
         hdu = fits.ImageHDU(data=flags, name="MASK")
         hdu.header["MASKBITS"] = ("1 bad, 2 saturated", "meaning of the bits of each pixel")
         hdus.append(hdu)

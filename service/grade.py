@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from nightshift.service.colour import luminance
 from nightshift.service.frame import Image
 from nightshift.service.register import AlignError, find_transform
 from nightshift.service.saturation import header_level
@@ -110,8 +111,11 @@ def grade_frame(image: Image, *, threshold: float = 5.0, max_stars: int = 500) -
     Returns
     -------
     Grade
-        With the star list, which the caller keeps and reuses for alignment.
+        With the star list, which the caller keeps and reuses for alignment. A colour frame is graded on its
+        luminance (the mean of its planes, :func:`nightshift.service.colour.luminance`).
     """
+    if image.is_colour:
+        image = luminance(image)
     stars = detect_stars(
         image.data,
         mask=image.mask,

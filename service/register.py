@@ -526,7 +526,8 @@ def apply_transform(
     Parameters
     ----------
     image : Image
-        The frame (not modified); ``mask`` and ``saturated`` are carried.
+        The frame (not modified); ``mask`` and ``saturated`` are carried. A colour frame's three planes are
+        warped with the same transform (one mask for the three).
     transform : Transform
         From :func:`find_transform` (frame pixels -> reference pixels).
     shape : (int, int)
@@ -549,26 +550,31 @@ def apply_transform(
         raise ValueError(f"unknown interpolation {interpolation!r}; one of {sorted(_KERNELS)}")
     h, w = int(shape[0]), int(shape[1])
     data = np.asarray(image.data, dtype=np.float32)
-    bad = ~np.isfinite(data)
+    planes = data if image.is_colour else data[None]  # a colour frame: the same warp for its three planes
+    bad = ~np.isfinite(planes).all(axis=0)
     if image.mask is not None:
-        bad |= np.asarray(image.mask, dtype=bool)
-    saturated = np.asarray(image.saturated, dtype=bool) if image.saturated is not None else None
+        bad |= _one_plane(image.mask)
+    saturated = _one_plane(image.saturated) if image.saturated is not None else None
     if saturated is not None and not saturated.any():
         saturated = None
     fill = bad & ~saturated if saturated is not None else bad  # a saturated pixel's value stays: the star's top
-    source = _filled(data, fill) if fill.any() else np.ascontiguousarray(data)
 
     # OpenCV maps each output pixel back into the frame: the inverse of frame -> reference
     inverse = np.linalg.inv(transform.matrix)[:2].astype(np.float64)
     back = cv2.WARP_INVERSE_MAP
-    out = cv2.warpAffine(source, inverse, (w, h), flags=_KERNELS[interpolation] | back, borderMode=cv2.BORDER_REFLECT)
-    floor = cv2.erode(source, np.ones((2, 2), np.uint8), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
     # nearest sampling of the 2x2 minimum at (x - 0.5, y - 0.5) picks the block of the 4 nearest input pixels
     half = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5]]) @ np.vstack([inverse, [0.0, 0.0, 1.0]])
-    low = cv2.warpAffine(floor, half, (w, h), flags=cv2.INTER_NEAREST | back, borderMode=cv2.BORDER_REFLECT)
-    np.maximum(out, low, out=out)
+    out = np.empty((len(planes), h, w), dtype=np.float32)
+    for i, plane in enumerate(planes):
+        source = _filled(plane, fill) if fill.any() else np.ascontiguousarray(plane)
+        out[i] = cv2.warpAffine(
+            source, inverse, (w, h), flags=_KERNELS[interpolation] | back, borderMode=cv2.BORDER_REFLECT
+        )
+        floor = cv2.erode(source, np.ones((2, 2), np.uint8), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
+        low = cv2.warpAffine(floor, half, (w, h), flags=cv2.INTER_NEAREST | back, borderMode=cv2.BORDER_REFLECT)
+        np.maximum(out[i], low, out=out[i])
 
-    outside = _uncovered(inverse, (h, w), data.shape)
+    outside = _uncovered(inverse, (h, w), data.shape[-2:])
     mask = outside.copy()
     if bad.any():
         mask |= _carried(bad, transform.matrix, inverse, (h, w))
@@ -576,7 +582,8 @@ def apply_transform(
     if saturated is not None:
         out_saturated = _carried(saturated, transform.matrix, inverse, (h, w)) & ~outside
         mask |= out_saturated
-    out[mask] = np.nan
+    out[:, mask] = np.nan
+    out = out if image.is_colour else out[0]
 
     header = image.header.copy()
     for key in [k for k in header if _WCS_KEY.match(k)]:
@@ -586,6 +593,12 @@ def apply_transform(
     header["ALIGNN"] = (int(transform.n_matches), "stars matched to the reference")
     header["ALIGNINT"] = (interpolation, "resampling kernel")
     return Image(data=out, header=header, mask=mask, saturated=out_saturated)
+
+
+def _one_plane(flags: np.ndarray) -> np.ndarray:
+    """Flags as one (rows, columns) array: set where any plane of a colour frame has them."""
+    flags = np.asarray(flags, dtype=bool)
+    return flags.any(axis=0) if flags.ndim == 3 else flags
 
 
 def _uncovered(inverse: np.ndarray, shape: tuple[int, int], source_shape: tuple[int, int]) -> np.ndarray:

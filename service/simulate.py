@@ -810,7 +810,10 @@ class NightPlan:
             frames[f.name] = entry
         h, w = self.shape
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
-        return {"shape": [h, w], "saturation": SATURATION, "config": config, "frames": frames}
+        out = {"shape": [h, w], "saturation": SATURATION, "config": config, "frames": frames}
+        if self.config.bayer is not None:  # which colour each stored pixel saw, and what a calibration leaves
+            out["colour"] = {"stored_pattern": self.stored_pattern(), "channel_qe": list(COLOUR_QE)}
+        return out
 
     def counts(self) -> dict[str, int]:
         """Frames per true kind among the sound files (the hostile one is a light), plus "broken"."""

@@ -67,8 +67,9 @@ class LiveStack:
 
     Parameters
     ----------
-    shape : (int, int)
-        (rows, columns) of the reference every added frame is aligned to.
+    shape : (int, int) or (3, int, int)
+        (rows, columns) of the reference every added frame is aligned to; (3, rows, columns) for colour frames
+        (R, G, B planes, one count and one saturation flag per pixel for all three).
 
     Attributes
     ----------
@@ -88,11 +89,14 @@ class LiveStack:
         The SATURATE of each frame added that had one.
     """
 
-    def __init__(self, shape: tuple[int, int]) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        if len(shape) not in (2, 3) or (len(shape) == 3 and int(shape[0]) != 3):
+            raise ValueError(f"a stack is (rows, columns) or (3, rows, columns), got {tuple(shape)}")
+        self.shape = tuple(int(n) for n in shape)
+        plane = self.shape[-2:]
         self.sum = np.zeros(self.shape, dtype=np.float32)
-        self.count = np.zeros(self.shape, dtype=np.int32)
-        self.saturated = np.zeros(self.shape, dtype=bool)
+        self.count = np.zeros(plane, dtype=np.int32)
+        self.saturated = np.zeros(plane, dtype=bool)
         self.saturation_levels: list[float] = []
         self.n = 0
         self.exptime_total = 0.0
@@ -106,13 +110,13 @@ class LiveStack:
         data = image.data
         if data.shape != self.shape:
             raise ValueError(f"frame shape {data.shape} differs from the stack's {self.shape}")
-        good = np.isfinite(data)
+        good = np.isfinite(data) if data.ndim == 2 else np.isfinite(data).all(axis=0)  # a pixel: all planes
         if image.mask is not None:
-            good &= ~image.mask
+            good &= ~_plane_flags(image.mask)
         np.add(self.sum, data, out=self.sum, where=good, casting="same_kind")
         self.count += good
         if image.saturated is not None:
-            self.saturated |= image.saturated
+            self.saturated |= _plane_flags(image.saturated)
         level = _saturation(image.header)
         if level is not None:
             self.saturation_levels.append(level)
@@ -130,7 +134,7 @@ class LiveStack:
         """
         empty = self.count == 0
         mean = np.full(self.shape, np.nan, dtype=np.float32)
-        np.divide(self.sum, self.count, out=mean, where=~empty)
+        np.divide(self.sum, self.count, out=mean, where=np.broadcast_to(~empty, self.shape))
         out_header = _stack_header(
             header, n=self.n, exptotal=self.exptime_total, frames=self.frames, method="mean", history=history
         )
@@ -184,10 +188,17 @@ def _saturation(header: fits.Header) -> float | None:
     return None
 
 
+def _plane_flags(flags: np.ndarray) -> np.ndarray:
+    """A frame's flags as one (rows, columns) array: set where any plane of a colour frame has them."""
+    flags = np.asarray(flags, dtype=bool)
+    return flags.any(axis=0) if flags.ndim == 3 else flags
+
+
 def _fill_saturated(
     data: np.ndarray, empty: np.ndarray, saturated: np.ndarray, levels: Sequence[float], header: fits.Header
 ) -> np.ndarray | None:
-    """Raise pixels that saturated in any frame to at least the frames' median saturation level, in place.
+    """Raise pixels that saturated in any frame to at least the frames' median saturation level, in place
+    (each plane of a colour stack).
 
     Those pixels are then no longer empty (``empty`` is cleared there); the level goes to the header's SATURATE.
     Returns the saturated flags, or None when nothing saturated or no frame said its level.
@@ -195,32 +206,41 @@ def _fill_saturated(
     if not levels or not saturated.any():
         return None
     level = np.float32(np.median(levels))
-    with np.errstate(invalid="ignore"):
-        low = saturated & ~(data >= level)  # NaN (no unsaturated value) compares False: raised too
-    data[low] = level
+    for plane in data if data.ndim == 3 else [data]:
+        with np.errstate(invalid="ignore"):
+            low = saturated & ~(plane >= level)  # NaN (no unsaturated value) compares False: raised too
+        plane[low] = level
     empty &= ~saturated
     header["SATURATE"] = (round(float(level), 1), "[ADU] saturation level; pixels at it are flagged in MASK")
     return saturated.copy()
 
 
 def _image_hdus(hdul: fits.HDUList) -> tuple[Any, Any]:
-    """The image HDU of an aligned frame (primary or first image extension) and its MASK extension or None."""
+    """The image HDU of an aligned frame (primary or first image extension; 2-D, or a 3-plane colour cube) and
+    its MASK extension (2-D) or None."""
     data_hdu = mask_hdu = None
     for hdu in hdul:
-        if hdu.header.get("NAXIS", 0) != 2:
-            continue
-        if str(hdu.header.get("EXTNAME", "")).upper() == "MASK":
+        naxis = hdu.header.get("NAXIS", 0)
+        if str(hdu.header.get("EXTNAME", "")).upper() == "MASK" and naxis == 2:
             mask_hdu = hdu
-        elif data_hdu is None:
+        elif data_hdu is None and (naxis == 2 or (naxis == 3 and hdu.header.get("NAXIS3") == 3)):
             data_hdu = hdu
     if data_hdu is None:
-        raise ValueError(f"{hdul.filename()}: no 2-D image")
+        raise ValueError(f"{hdul.filename()}: no 2-D image nor 3-plane colour cube")
     return data_hdu, mask_hdu
 
 
-def _read_band(data_hdu: Any, mask_hdu: Any, rows: slice, out: np.ndarray, saturated: np.ndarray | None = None) -> None:
-    """Read rows of a frame into ``out`` (float32), NaN where masked; OR its saturated pixels into ``saturated``."""
-    out[...] = data_hdu.section[rows, :]
+def _read_band(
+    data_hdu: Any,
+    mask_hdu: Any,
+    rows: slice,
+    out: np.ndarray,
+    saturated: np.ndarray | None = None,
+    plane: int | None = None,
+) -> None:
+    """Read rows of a frame (of one ``plane`` of a colour frame) into ``out`` (float32), NaN where masked; OR its
+    saturated pixels into ``saturated``."""
+    out[...] = data_hdu.section[rows, :] if plane is None else data_hdu.section[plane, rows, :]
     if mask_hdu is not None:
         flags = np.asarray(mask_hdu.section[rows, :])
         out[(flags & MASK_BAD) != 0] = np.nan
@@ -228,13 +248,13 @@ def _read_band(data_hdu: Any, mask_hdu: Any, rows: slice, out: np.ndarray, satur
             saturated |= (flags & MASK_SATURATED) != 0
 
 
-def _sky_stats(data_hdu: Any, mask_hdu: Any, n_rows: int) -> tuple[float, float]:
-    """Sky level and pixel noise of a frame, from a few rows spread over it."""
-    height, width = data_hdu.shape
+def _sky_stats(data_hdu: Any, mask_hdu: Any, n_rows: int, plane: int | None = None) -> tuple[float, float]:
+    """Sky level and pixel noise of a frame (of one plane of a colour frame), from a few rows spread over it."""
+    height, width = data_hdu.shape[-2:]
     rows = np.unique(np.linspace(0, height - 1, min(n_rows, height)).astype(int))
     sample = np.empty((len(rows), width), dtype=np.float32)
     for i, r in enumerate(rows):
-        _read_band(data_hdu, mask_hdu, slice(r, r + 1), sample[i : i + 1])
+        _read_band(data_hdu, mask_hdu, slice(r, r + 1), sample[i : i + 1], plane=plane)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         level = float(np.nanmedian(sample))
@@ -277,6 +297,41 @@ def _clipped_mean(cube: np.ndarray, sigma: float, floor: float) -> tuple[np.ndar
     return mean, count
 
 
+def _combine_plane(
+    hdus: list,
+    plane: int | None,
+    result: np.ndarray,
+    empty: np.ndarray,
+    saturated: np.ndarray,
+    sigma: float,
+    mem_limit_bytes: int,
+    match_background: bool,
+) -> np.ndarray:
+    """Sigma-clipped mean of one plane of the frames (``plane`` None for mono frames) into ``result``, in bands
+    of rows; ``empty`` and ``saturated`` get the pixels no frame covered and those saturated in a frame (ORed).
+
+    Returns the sky offset taken off each frame."""
+    height, width = result.shape
+    n = len(hdus)
+    stats = np.array([_sky_stats(d, m, _SKY_ROWS, plane) for d, m, _ in hdus])
+    levels, noise_floor = stats[:, 0], float(np.median(stats[:, 1]))
+    offsets = np.zeros(n, dtype=np.float32)
+    if match_background:
+        offsets = (levels - np.median(levels)).astype(np.float32)
+    band = max(1, min(height, int(min(mem_limit_bytes, BAND_BYTES) // (n * width * _BYTES_PER_SAMPLE))))
+    cube = np.empty((n, band, width), dtype=np.float32)
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        part = cube[:, : y1 - y0]
+        for i, (data_hdu, mask_hdu, _) in enumerate(hdus):
+            _read_band(data_hdu, mask_hdu, slice(y0, y1), part[i], saturated[y0:y1], plane)
+            if offsets[i]:
+                part[i] -= offsets[i]
+        result[y0:y1], counts = _clipped_mean(part, sigma, noise_floor)
+        empty[y0:y1] |= counts == 0
+    return offsets
+
+
 def final_combine(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -291,8 +346,8 @@ def final_combine(
     Parameters
     ----------
     paths : sequence of path
-        Aligned frames: FITS with a float32 image (primary HDU or first image extension) and optionally a
-        ``MASK`` extension (non-zero = bad). NaN pixels count as masked too.
+        Aligned frames: FITS with a float32 image (primary HDU or first image extension; 2-D, or 3 colour planes)
+        and optionally a ``MASK`` extension (bits: 1 bad, 2 saturated). NaN pixels count as masked too.
     header : astropy.io.fits.Header
         The reference's header (with its WCS); the result carries it plus NCOMBINE, EXPTOTAL and the frames in
         HISTORY.
@@ -312,7 +367,9 @@ def final_combine(
     -------
     Image
         float32 mean; pixels with no good value are NaN and masked, except those that saturated in a frame:
-        they hold at least the frames' saturation level (SATURATE) and are flagged in ``saturated``.
+        they hold at least the frames' saturation level (SATURATE) and are flagged in ``saturated``. Colour frames
+        (3 planes, one MASK each) give a colour stack: each plane sky-matched, clipped and averaged on its own
+        (rejection per channel), one mask for the three planes.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -326,40 +383,29 @@ def final_combine(
         for p, (data_hdu, _, _) in zip(paths, hdus, strict=True):
             if tuple(data_hdu.shape) != shape:
                 raise ValueError(f"{p.name}: shape {tuple(data_hdu.shape)} differs from {shape}")
-        height, width = shape
         n = len(paths)
-
-        stats = np.array([_sky_stats(d, m, _SKY_ROWS) for d, m, _ in hdus])
-        levels, noise_floor = stats[:, 0], float(np.median(stats[:, 1]))
-        offsets = np.zeros(n, dtype=np.float32)
-        if match_background:
-            offsets = (levels - np.median(levels)).astype(np.float32)
-
-        band = max(1, min(height, int(min(mem_limit_bytes, BAND_BYTES) // (n * width * _BYTES_PER_SAMPLE))))
-        cube = np.empty((n, band, width), dtype=np.float32)
         result = np.empty(shape, dtype=np.float32)
-        counts = np.empty(shape, dtype=np.int32)
-        saturated = np.zeros(shape, dtype=bool)
-        for y0 in range(0, height, band):
-            y1 = min(height, y0 + band)
-            part = cube[:, : y1 - y0]
-            for i, (data_hdu, mask_hdu, _) in enumerate(hdus):
-                _read_band(data_hdu, mask_hdu, slice(y0, y1), part[i], saturated[y0:y1])
-                if offsets[i]:
-                    part[i] -= offsets[i]
-            result[y0:y1], counts[y0:y1] = _clipped_mean(part, sigma, noise_floor)
-
+        saturated = np.zeros(shape[-2:], dtype=bool)
+        empty = np.zeros(shape[-2:], dtype=bool)
+        levels: list[float] = []
+        # a colour frame's planes are combined one after the other, each with its own sky and clipping
+        for plane in range(shape[0]) if len(shape) == 3 else [None]:
+            out = result if plane is None else result[plane]
+            offsets = _combine_plane(hdus, plane, out, empty, saturated, sigma, mem_limit_bytes, match_background)
+            if plane in (None, 1):  # the saturation levels of the mono frames, of the green plane of colour ones
+                # each frame's level, moved with its sky as the frame was
+                levels = [
+                    v - float(o) for (d, _, _), o in zip(hdus, offsets, strict=True) if (v := _saturation(d.header))
+                ]
         exptotal = sum(_exptime(h) or 0.0 for _, _, h in hdus)
-        # each frame's level, moved with its sky as the frame was
-        levels = [v - float(o) for (d, _, _), o in zip(hdus, offsets, strict=True) if (v := _saturation(d.header))]
-    empty = counts == 0
-    result[empty] = np.nan
+    for out in result if len(shape) == 3 else [result]:
+        out[empty] = np.nan
     out_header = _stack_header(
         header,
         n=n,
         exptotal=exptotal,
         frames=[p.name for p in paths],
-        method=f"sigma-clipped mean ({sigma:g} sigma)",
+        method=f"sigma-clipped mean ({sigma:g} sigma)" + (", each colour plane on its own" if len(shape) == 3 else ""),
         history=history,
     )
     flags = _fill_saturated(result, empty, saturated, levels, out_header)
