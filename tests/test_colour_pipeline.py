@@ -355,3 +355,59 @@ def test_the_night_report_shows_the_colour_stack(reduced_colour) -> None:
     stack = archive.one("SELECT * FROM stacks")
     report = next((archive.root / "reports").glob("night-*.html")).read_text()
     assert Path(stack["preview_path"]).stem in report
+
+
+@pytest.mark.slow
+def test_a_night_of_debayered_cubes_is_stacked_in_colour(tmp_path: Path) -> None:
+    """SharpCap-style 3-plane cubes (calibration frames too): masters of cubes, lights calibrated plane by plane,
+    a colour stack; a cube of 4 planes is quarantined with its reason."""
+    camera = tmp_path / "camera"
+    plan = _colour_night(camera, "RGGB", "TOP-DOWN", debayered=True, dialect="sharpcap", n_light=3, meridian_flip=False)
+    odd = camera / "odd" / "four_planes.fits"
+    odd.parent.mkdir()
+    fits.PrimaryHDU(np.ones((4, 64, 64), dtype=np.uint16), header=plan.header(plan.by_kind("light")[0])).writeto(odd)
+    archive = reduce_night(camera, tmp_path / "archive")
+    try:
+        lights = archive.query("SELECT * FROM frames WHERE kind = 'light' AND path NOT LIKE '%four_planes%'")
+        assert all(r["status"] == "stacked" and r["naxis3"] == 3 for r in lights), [r["reason"] for r in lights]
+        for m in archive.query("SELECT * FROM masters"):
+            assert m["naxis3"] == 3
+            with fits.open(archive.root / m["path"]) as hdul:
+                assert hdul[0].data.shape == (3, SIZE, SIZE)
+                if m["kind"] == "flat":
+                    assert hdul[0].header["FLATNORM"] == "median per plane"
+        refused = archive.one("SELECT * FROM frames WHERE path LIKE '%four_planes%'")
+        assert refused["status"] == "quarantined" and refused["reason"].startswith("unsupported_dimensions")
+        rgb, _, _ = _stack_planes(archive)
+        assert rgb.shape == (3, SIZE, SIZE)
+    finally:
+        archive.close()
+
+
+def test_a_camera_whose_headers_say_nothing_is_set_by_the_configuration(tmp_path: Path) -> None:
+    """No BAYERPAT in any header: taken as mono by default (its flat normalised by one median, and the mosaic's
+    pattern makes its stars look trailed: nothing is stacked), in colour with the camera's [classify]
+    bayer_pattern (the flat normalised per CFA position, every light stacked in colour)."""
+    camera = tmp_path / "camera"
+    plan = _colour_night(camera, "GRBG", "TOP-DOWN", bayer_header=False, n_light=3, meridian_flip=False, size=256)
+    mono = reduce_night(camera, tmp_path / "mono")
+    try:
+        assert {r["cfa"] for r in mono.query("SELECT cfa FROM frames")} == {None}
+        with fits.open(mono.root / mono.one("SELECT * FROM masters WHERE kind = 'flat'")["path"]) as hdul:
+            assert hdul[0].header["FLATNORM"] == "median"
+        assert mono.scalar("SELECT COUNT(*) FROM frames WHERE status = 'stacked'") == 0
+    finally:
+        mono.close()
+    colour = reduce_night(camera, tmp_path / "colour", classify={"bayer_pattern": {COLOUR_CAMERA.lower(): "GRBG"}})
+    try:
+        lights = colour.query("SELECT * FROM frames WHERE kind = 'light'")
+        assert {r["cfa"] for r in lights} == {plan.stored_pattern()}
+        assert all(r["status"] == "stacked" for r in lights)
+        flat = colour.one("SELECT * FROM masters WHERE kind = 'flat'")
+        with fits.open(colour.root / flat["path"]) as hdul:
+            assert hdul[0].header["FLATNORM"] == "median per CFA position"
+            assert hdul[0].header["BAYERPAT"] == "GRBG"
+        with fits.open(colour.root / colour.one("SELECT * FROM stacks")["path"]) as hdul:
+            assert hdul[0].header["NAXIS3"] == 3
+    finally:
+        colour.close()
