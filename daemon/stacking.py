@@ -545,6 +545,16 @@ class Stacker:
             log.info("rejected %s: %s", frame["path"], reason)
             return False
         ref = self._reference(frame)
+        if ref is not None and len(stack_shape(ref)) != len(stack_shape(frame)):
+            mine, theirs = ("colour", "mono") if len(stack_shape(frame)) == 3 else ("mono", "colour")
+            self.unaligned(
+                frame,
+                AlignError(
+                    f"a {mine} frame, and the reference of {frame['object']} {frame['filter'] or '(no filter)'} "
+                    f"this night is {theirs} (file the two cameras under other objects or filters)"
+                ),
+            )
+            return False
         if ref is None:
             self._stack_row(frame, frame["id"])  # the first good frame of its target and filter: the reference
         elif _score(frame) > REBASE_FACTOR * _score(ref):

@@ -411,3 +411,38 @@ def test_a_camera_whose_headers_say_nothing_is_set_by_the_configuration(tmp_path
             assert hdul[0].header["NAXIS3"] == 3
     finally:
         colour.close()
+
+
+def test_a_mono_camera_on_the_same_target_is_kept_out_of_the_colour_stack(tmp_path: Path) -> None:
+    """A mono camera's lights of the same object, filter (none) and exposure, after the colour camera's: they
+    cannot join its colour stack, and are rejected with the reason, never lost to an error."""
+    camera = tmp_path / "camera"
+    _colour_night(camera, "RGGB", "TOP-DOWN", n_light=2, meridian_flip=False, size=256, dialect="nina")
+    simulate_night(
+        camera,
+        SimConfig(
+            size=256,
+            filters=(None,),
+            n_bias=3,
+            n_dark=3,
+            dark_exptimes=(300.0,),
+            n_flat=3,
+            n_light=2,
+            light_exptimes=(300.0,),
+            cloudy=0,
+            meridian_flip=False,
+            dialect="maxim",
+            start="2026-11-25T23:00:00",
+        ),
+    )
+    archive = reduce_night(camera, tmp_path / "archive")
+    try:
+        lights = archive.query("SELECT * FROM frames WHERE kind = 'light' ORDER BY date_obs")
+        colour = [r for r in lights if r["cfa"] is not None]
+        mono = [r for r in lights if r["cfa"] is None]
+        assert len(colour) == len(mono) == 2
+        assert all(r["status"] == "stacked" for r in colour)
+        for r in mono:
+            assert r["status"] == "rejected" and "a mono frame" in r["reason"] and "is colour" in r["reason"]
+    finally:
+        archive.close()
