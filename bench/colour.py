@@ -5,8 +5,9 @@ masters are built once on each side (not timed). Then, per light, with the maste
 
 - ``nightshift``: ``read_image`` -> ``calibrate`` on the raw mosaic -> ``develop`` (same-colour filling, OpenCV
   bilinear debayer) -> ``grade_frame`` on the luminance -> ``find_transform`` on the graded stars ->
-  ``apply_transform`` (one transform warps the three planes) -> ``LiveStack.add``; and the same plus the products
-  the daemon writes (calibrated and aligned 3-plane FITS), ``with_writes``;
+  ``apply_transform`` (one transform warps the three planes; ``[stacking] colour_interpolation``, bicubic by
+  default, or ``--interpolation lanczos``) -> ``LiveStack.add``; and the same plus the products the daemon
+  writes (the calibrated and aligned 3-plane FITS), ``with_writes``;
 - ``plain``: ``CCDData.read`` -> ccdproc ``subtract_bias``, ``subtract_dark`` (scaled), ``flat_correct`` -> a
   library debayer (OpenCV ``cvtColor`` on the frame as uint16) -> ``astroalign.register`` per channel onto the
   reference's channel -> a running sum per channel.
@@ -72,9 +73,9 @@ def _times(per_frame: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(f[k] for f in per_frame), 4) for k in keys}
 
 
-def side_nightshift(work: Path, names: dict[str, list[str]]) -> dict[str, Any]:
+def side_nightshift(work: Path, names: dict[str, list[str]], interpolation: str = "cubic") -> dict[str, Any]:
     from nightshift.service.calibrate import calibrate
-    from nightshift.service.colour import develop, luminance
+    from nightshift.service.colour import develop
     from nightshift.service.fitsio import read_image, write_fits_atomic
     from nightshift.service.grade import grade_frame
     from nightshift.service.masters import bad_pixel_mask, make_master_bias, make_master_dark, make_master_flat
@@ -101,13 +102,13 @@ def side_nightshift(work: Path, names: dict[str, list[str]]) -> dict[str, Any]:
         t2 = time.perf_counter()
         rgb = develop(cal)
         t3 = time.perf_counter()
-        grade = grade_frame(luminance(rgb))
+        grade = grade_frame(rgb)
         t4 = time.perf_counter()
         if ref_stars is None:
             ref_stars, shape = grade.stars, rgb.plane_shape
             aligned = rgb
         else:
-            aligned = apply_transform(rgb, find_transform(grade.stars, ref_stars), shape)
+            aligned = apply_transform(rgb, find_transform(grade.stars, ref_stars), shape, interpolation=interpolation)
         t5 = time.perf_counter()
         if live is None:
             live = LiveStack(aligned.data.shape)
@@ -131,7 +132,12 @@ def side_nightshift(work: Path, names: dict[str, list[str]]) -> dict[str, Any]:
         t["with_writes"] = t7 - t0
         frames.append(t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"per_frame_s": _times(frames), "frames": len(frames), "peak_rss_mb": round(peak, 1)}
+    return {
+        "per_frame_s": _times(frames),
+        "frames": len(frames),
+        "interpolation": interpolation,
+        "peak_rss_mb": round(peak, 1),
+    }
 
 
 def side_plain(work: Path, names: dict[str, list[str]]) -> dict[str, Any]:
@@ -192,9 +198,9 @@ def side_plain(work: Path, names: dict[str, list[str]]) -> dict[str, Any]:
     return {"per_frame_s": _times(frames), "frames": len(frames), "peak_rss_mb": round(peak, 1)}
 
 
-def _run_side(side: str, work: Path) -> dict[str, Any]:
+def _run_side(side: str, work: Path, interpolation: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, "--side", side, "--work", str(work)],
+        [sys.executable, __file__, "--side", side, "--work", str(work), "--interpolation", interpolation],
         capture_output=True,
         text=True,
         check=True,
@@ -209,13 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lights", type=int, default=5, help="lights; the first is the reference (not timed)")
     ap.add_argument("--calibrations", type=int, default=3, help="bias frames, darks and flats")
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed at the end)")
+    ap.add_argument(
+        "--interpolation", choices=["cubic", "lanczos"], default="cubic", help="nightshift's colour resampling"
+    )
     ap.add_argument("--side", choices=["nightshift", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.side:
         names = json.loads((args.work / "night.json").read_text())["names"]
-        side = side_nightshift if args.side == "nightshift" else side_plain
-        print(json.dumps(side(args.work, names)))
+        if args.side == "nightshift":
+            print(json.dumps(side_nightshift(args.work, names, args.interpolation)))
+        else:
+            print(json.dumps(side_plain(args.work, names)))
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="nightshift-colour-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for side in ("nightshift", "plain"):
             print(f"[bench colour] {side} ...", file=sys.stderr, flush=True)
-            result[side] = _run_side(side, work)
+            result[side] = _run_side(side, work, args.interpolation)
         ns, plain = result["nightshift"]["per_frame_s"], result["plain"]["per_frame_s"]
         ratio = plain["per_frame"] / ns["per_frame"] if ns["per_frame"] > 0 else None
         result["ratio"] = round(ratio, 2) if ratio else None

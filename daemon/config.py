@@ -123,6 +123,7 @@ class StackingConfig:
     final_after_seconds: float = 1800.0
     mem_limit_mb: float = 512
     interpolation: str = "lanczos"
+    colour_interpolation: str = "cubic"
 
 
 @dataclass
@@ -326,8 +327,9 @@ def _validate(cfg: Config) -> None:
             raise _expect(f"[calibration] {key}", "a number > 0", getattr(c, key))
     if cfg.stacking.sigma <= 0 or cfg.stacking.mem_limit_mb <= 0:
         raise _expect("[stacking] sigma / mem_limit_mb", "numbers > 0", (cfg.stacking.sigma, cfg.stacking.mem_limit_mb))
-    if cfg.stacking.interpolation not in ("lanczos", "cubic"):
-        raise _expect("[stacking] interpolation", '"lanczos" or "cubic"', cfg.stacking.interpolation)
+    for key in ("interpolation", "colour_interpolation"):
+        if getattr(cfg.stacking, key) not in ("lanczos", "cubic"):
+            raise _expect(f"[stacking] {key}", '"lanczos" or "cubic"', getattr(cfg.stacking, key))
     if not 1 <= cfg.processing.workers <= 64:
         raise _expect("[processing] workers", "a whole number from 1 to 64", cfg.processing.workers)
     if cfg.report.interval_seconds < 0:

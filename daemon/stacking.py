@@ -341,7 +341,7 @@ class Stacker:
             calibrated=self.layout.root / frame["calibrated_path"],
             aligned=self.layout.aligned(frame),
             shape=product_shape(ref),
-            interpolation=self.rules.interpolation,
+            interpolation=self.rules.colour_interpolation if len(stack_shape(ref)) == 3 else self.rules.interpolation,
             transform=transform.to_dict() if transform is not None else None,
             reference_calibrated=self.layout.root / ref["calibrated_path"],
         )

@@ -551,7 +551,9 @@ def apply_transform(
     h, w = int(shape[0]), int(shape[1])
     data = np.asarray(image.data, dtype=np.float32)
     planes = data if image.is_colour else data[None]  # a colour frame: the same warp for its three planes
-    bad = ~np.isfinite(planes).all(axis=0)
+    bad = ~np.isfinite(planes[0])
+    for plane in planes[1:]:
+        bad |= ~np.isfinite(plane)
     if image.mask is not None:
         bad |= _one_plane(image.mask)
     saturated = _one_plane(image.saturated) if image.saturated is not None else None
@@ -565,13 +567,16 @@ def apply_transform(
     # nearest sampling of the 2x2 minimum at (x - 0.5, y - 0.5) picks the block of the 4 nearest input pixels
     half = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5]]) @ np.vstack([inverse, [0.0, 0.0, 1.0]])
     out = np.empty((len(planes), h, w), dtype=np.float32)
+    low = np.empty((h, w), dtype=np.float32)
+    filling = bool(fill.any())
     for i, plane in enumerate(planes):
-        source = _filled(plane, fill) if fill.any() else np.ascontiguousarray(plane)
-        out[i] = cv2.warpAffine(
-            source, inverse, (w, h), flags=_KERNELS[interpolation] | back, borderMode=cv2.BORDER_REFLECT
+        source = _filled(plane, fill) if filling else np.ascontiguousarray(plane)
+        # straight into the output plane (dst=): no copy of a whole frame per plane
+        cv2.warpAffine(
+            source, inverse, (w, h), dst=out[i], flags=_KERNELS[interpolation] | back, borderMode=cv2.BORDER_REFLECT
         )
         floor = cv2.erode(source, np.ones((2, 2), np.uint8), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
-        low = cv2.warpAffine(floor, half, (w, h), flags=cv2.INTER_NEAREST | back, borderMode=cv2.BORDER_REFLECT)
+        cv2.warpAffine(floor, half, (w, h), dst=low, flags=cv2.INTER_NEAREST | back, borderMode=cv2.BORDER_REFLECT)
         np.maximum(out[i], low, out=out[i])
 
     outside = _uncovered(inverse, (h, w), data.shape[-2:])
@@ -582,7 +587,7 @@ def apply_transform(
     if saturated is not None:
         out_saturated = _carried(saturated, transform.matrix, inverse, (h, w)) & ~outside
         mask |= out_saturated
-    out[:, mask] = np.nan
+    np.copyto(out, np.float32(np.nan), where=mask[None])
     out = out if image.is_colour else out[0]
 
     header = image.header.copy()
