@@ -19,7 +19,11 @@ from nightshift.service.debayer import DEFAULT_METHOD, debayer
 from nightshift.service.frame import Image
 from nightshift.service.provenance import add_history, logged
 
-__all__ = ["develop", "is_colour", "luminance", "plane_mask"]
+__all__ = ["FILLED_KEY", "develop", "is_colour", "luminance", "plane_mask"]
+
+#: Header word of a developed colour frame: its masked (not saturated) pixels already hold estimates from
+#: neighbours of their own colour, so a resampling need not fill them again.
+FILLED_KEY = "BADFILL"
 
 #: Header words that describe a mosaic and no longer apply once it is debayered.
 _MOSAIC_KEYS = ("BAYERPAT", "XBAYROFF", "YBAYROFF", "COLORTYP")
@@ -99,6 +103,7 @@ def develop(image: Image, *, method: str = DEFAULT_METHOD) -> Image:
     for key in _MOSAIC_KEYS:
         header.remove(key, ignore_missing=True, remove_all=True)
     header["DEBAYER"] = (method, "demosaicing method")
+    header[FILLED_KEY] = (True, "masked pixels hold estimates from their colour")
     _two_d_wcs(header)
     add_history(
         header,

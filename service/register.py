@@ -551,15 +551,16 @@ def apply_transform(
     h, w = int(shape[0]), int(shape[1])
     data = np.asarray(image.data, dtype=np.float32)
     planes = data if image.is_colour else data[None]  # a colour frame: the same warp for its three planes
-    bad = ~np.isfinite(planes[0])
+    nonfinite = ~np.isfinite(planes[0])
     for plane in planes[1:]:
-        bad |= ~np.isfinite(plane)
-    if image.mask is not None:
-        bad |= _one_plane(image.mask)
+        nonfinite |= ~np.isfinite(plane)
+    bad = nonfinite | _one_plane(image.mask) if image.mask is not None else nonfinite
     saturated = _one_plane(image.saturated) if image.saturated is not None else None
     if saturated is not None and not saturated.any():
         saturated = None
     fill = bad & ~saturated if saturated is not None else bad  # a saturated pixel's value stays: the star's top
+    if image.header.get("BADFILL") is True:  # a developed colour frame: its bad pixels hold their colour's estimate
+        fill = nonfinite
 
     # OpenCV maps each output pixel back into the frame: the inverse of frame -> reference
     inverse = np.linalg.inv(transform.matrix)[:2].astype(np.float64)
