@@ -182,7 +182,7 @@ def compute_final(job: FinalJob) -> FinalResult:
         write_fits_atomic(job.path, image)
     with result.timings.stage("preview"):
         stack = job.stack
-        title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(job.members)}"
+        title = f"{stack['object']} {stack['filter'] or 'no filter'} {stack['exptime']:g}s x{len(job.members)}"
         write_bytes_atomic(job.preview, stack_picture(image, title))
     return result
 
@@ -420,7 +420,7 @@ class Stacker:
             last = self.stack_previews.get(stack["id"])
             if final or last is None or time.monotonic() - last >= STACK_PREVIEW_SECONDS or not preview.exists():
                 with self.metrics.stage("preview"):
-                    title = f"{stack['object']} {stack['filter']} {stack['exptime']:g}s x{len(members)}"
+                    title = f"{stack['object']} {stack['filter'] or 'no filter'} {stack['exptime']:g}s x{len(members)}"
                     write_bytes_atomic(preview, stack_picture(image, title))
                 self.stack_previews[stack["id"]] = time.monotonic()
         ids = [m["id"] for m in members]
