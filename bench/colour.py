@@ -216,9 +216,12 @@ def side_plain(work: Path, names: dict[str, list[str]]) -> dict[str, Any]:
     return {"per_frame_s": _times(frames), "frames": len(frames), "peak_rss_mb": round(peak, 1)}
 
 
-def _run_side(side: str, work: Path, interpolation: str) -> dict[str, Any]:
+def _run_side(side: str, work: Path, interpolation: str, cv_threads: int) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, "--side", side, "--work", str(work), "--interpolation", interpolation],
+        [
+            *(sys.executable, __file__, "--side", side, "--work", str(work)),
+            *("--interpolation", interpolation, "--cv-threads", str(cv_threads)),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -236,10 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--interpolation", choices=["cubic", "lanczos"], default="cubic", help="nightshift's colour resampling"
     )
+    ap.add_argument("--cv-threads", type=int, default=0, help="OpenCV threads (cv2.setNumThreads; 0: its default)")
     ap.add_argument("--side", choices=["nightshift", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.side:
+        if args.cv_threads:
+            import cv2
+
+            cv2.setNumThreads(args.cv_threads)
         names = json.loads((args.work / "night.json").read_text())["names"]
         if args.side == "nightshift":
             print(json.dumps(side_nightshift(args.work, names, args.interpolation)))
@@ -255,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             "frame": [args.width, args.height],
             "lights": args.lights,
             "cores": os.cpu_count(),
+            "cv_threads": args.cv_threads or "default",
             "simulate_s": night["seconds"],
         }
         for side in ("nightshift", "plain"):
             print(f"[bench colour] {side} ...", file=sys.stderr, flush=True)
-            result[side] = _run_side(side, work, args.interpolation)
+            result[side] = _run_side(side, work, args.interpolation, args.cv_threads)
         ns, plain = result["nightshift"]["per_frame_s"], result["plain"]["per_frame_s"]
         ratio = plain["per_frame"] / ns["per_frame"] if ns["per_frame"] > 0 else None
         result["ratio"] = round(ratio, 2) if ratio else None
