@@ -226,6 +226,32 @@ def m004_colour(db: sqlite_utils.Database) -> None:
         db[table].add_column("cfa", str)
 
 
+@migrations()
+def m005_stack_setup(db: sqlite_utils.Database) -> None:
+    """A stack per camera setup: lights of one object, filter and exposure taken by two cameras (a dual rig), two
+    binnings or a mono and a colour camera have different pixels and never share a stack or a reference.
+
+    ``camera``, ``xbin``, ``ybin`` and ``planes`` (1 mono, 3 colour) on ``stacks``, filled for existing stacks
+    from their reference frame; the unique group becomes (night, object, filter, exposure, setup).
+    """
+    for column, kind in (("camera", str), ("xbin", int), ("ybin", int), ("planes", int)):
+        db["stacks"].add_column(column, kind)
+    db.execute(
+        "UPDATE stacks SET camera = (SELECT camera FROM frames f WHERE f.id = stacks.reference_frame_id), "
+        "xbin = (SELECT xbin FROM frames f WHERE f.id = stacks.reference_frame_id), "
+        "ybin = (SELECT ybin FROM frames f WHERE f.id = stacks.reference_frame_id), "
+        "planes = (SELECT CASE WHEN f.cfa IS NOT NULL OR f.naxis3 IS NOT NULL THEN 3 ELSE 1 END FROM frames f "
+        "WHERE f.id = stacks.reference_frame_id)"
+    )
+    for index in db["stacks"].indexes:
+        if index.unique and set(index.columns) == {"night", "object", "filter", "exptime"}:
+            db.execute(f'DROP INDEX "{index.name}"')
+    db.execute(
+        "CREATE UNIQUE INDEX idx_stacks_group_setup ON stacks (night, object, filter, exptime, "
+        "COALESCE(camera, ''), COALESCE(xbin, 1), COALESCE(ybin, 1), COALESCE(planes, 1))"
+    )
+
+
 def now_iso() -> str:
     return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds")
 

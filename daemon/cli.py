@@ -460,7 +460,7 @@ _LISTINGS = {
         "masters",
         ["id", "night", "kind", "filter", "exptime", "n_frames", "version", "superseded_by", "path"],
     ),
-    "stacks": ("stacks", ["id", "night", "object", "filter", "exptime", "n_frames", "state", "path"]),
+    "stacks": ("stacks", ["id", "night", "object", "filter", "exptime", "camera", "n_frames", "state", "path"]),
 }
 
 

@@ -131,10 +131,20 @@ class Executor:
         """Release the workers (and a cluster this executor started)."""
 
 
+def one_opencv_thread() -> None:
+    """OpenCV (warps, filters) on the calling slot's own thread: the slots are the parallelism. Its default pool
+    of one thread per core, under every slot, would oversubscribe the cores, and `[processing] workers = 1` would
+    no longer leave the other cores to the capture program."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 class LocalExecutor(Executor):
     """Threads of this process (numpy, FITS I/O, hashing and PNG encoding release the GIL); 1 = inline."""
 
     def __init__(self, workers: int = 1) -> None:
+        one_opencv_thread()
         self.slots = max(1, workers)
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="worker") if self.slots > 1 else None
 
@@ -194,8 +204,9 @@ def start_local_cluster(n: int, **options: Any) -> Any:
 
 def _import_compute_steps() -> None:
     """Import every step the pipeline composes on a worker, once, when the executor connects (astropy, scipy,
-    sep: a few seconds that would otherwise delay each worker's first task)."""
+    sep: a few seconds that would otherwise delay each worker's first task); one OpenCV thread per worker thread."""
     importlib.import_module("nightshift.daemon.pipeline")
+    one_opencv_thread()
 
 
 def _quiet_dask_logs() -> None:

@@ -103,15 +103,19 @@ class Layout:
     def frame_preview(self, frame: dict[str, Any]) -> Path:
         return safe_join(self.root, "previews", frame["night"], "frames", self._stem(frame) + ".png")
 
-    def stack(self, night: str, obj: str | None, filt: str | None, exptime: float | None) -> Path:
+    def stack(
+        self, night: str, obj: str | None, filt: str | None, exptime: float | None, *, setup: str | None = None
+    ) -> Path:
+        """``stacks/<night>/<object>/<object>_<filter>_<exposure>[_<setup>].fits``: ``setup`` (camera and binning)
+        names the stack of a second camera setup for the same object, filter and exposure."""
         o = safe_component(obj)
         f = safe_component(filt, default="nofilter")
-        return safe_join(self.root, "stacks", night, o, f"{o}_{f}_{_exp(exptime)}.fits")
+        tail = f"_{safe_component(setup, max_len=40)}" if setup else ""
+        return safe_join(self.root, "stacks", night, o, f"{o}_{f}_{_exp(exptime)}{tail}.fits")
 
-    def stack_preview(self, night: str, obj: str | None, filt: str | None, exptime: float | None) -> Path:
-        o = safe_component(obj)
-        f = safe_component(filt, default="nofilter")
-        return safe_join(self.root, "previews", night, "stacks", f"{o}_{f}_{_exp(exptime)}.png")
+    def stack_preview(self, stack: dict[str, Any]) -> Path:
+        """The picture of a stack row: ``previews/<night>/stacks/<the stack file's name>.png``."""
+        return safe_join(self.root, "previews", stack["night"], "stacks", Path(stack["path"]).stem + ".png")
 
     def thumbnail(self, stored_preview: str) -> Path:
         """The small JPEG of the preview at archive path ``stored_preview``: ``thumbs/<name>.jpg`` beside it."""

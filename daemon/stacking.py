@@ -68,12 +68,42 @@ MAX_BRIDGES = 6
 
 log = logging.getLogger("nightshift.stack")
 
-_STACK_GROUP = "night = ? AND object IS ? AND filter IS ? AND abs(exptime - ?) < 1e-6"
-_GROUP = _STACK_GROUP + " AND kind = 'light'"
+#: A frame's camera setup: lights of two cameras, two binnings, or a mono and a colour camera never share a stack or
+#: an alignment reference (their pixels differ). In SQL over ``frames``, and over ``stacks`` (which store it).
+_FRAME_SETUP = (
+    "camera IS ? AND COALESCE(xbin, 1) = ? AND COALESCE(ybin, 1) = ? "
+    "AND (CASE WHEN cfa IS NOT NULL OR naxis3 IS NOT NULL THEN 3 ELSE 1 END) = ?"
+)
+_STACK_SETUP = "camera IS ? AND COALESCE(xbin, 1) = ? AND COALESCE(ybin, 1) = ? AND COALESCE(planes, 1) = ?"
+#: A (night, object, filter) of one setup shares one alignment reference; a stack adds the exposure.
+_TARGET = "night = ? AND object IS ? AND filter IS ?"
+_STACK_GROUP = f"{_TARGET} AND abs(exptime - ?) < 1e-6 AND {_STACK_SETUP}"
+_GROUP = f"{_TARGET} AND abs(exptime - ?) < 1e-6 AND {_FRAME_SETUP} AND kind = 'light'"
+
+
+def _planes(frame: dict[str, Any]) -> int:
+    """3 for a colour camera's light (a Bayer mosaic or a debayered cube), else 1."""
+    return 3 if frame.get("cfa") is not None or frame.get("naxis3") is not None else 1
+
+
+def _setup(frame: dict[str, Any]) -> list[Any]:
+    return [frame.get("camera"), frame.get("xbin") or 1, frame.get("ybin") or 1, _planes(frame)]
+
+
+def _target_args(f: dict[str, Any]) -> list[Any]:
+    """A frame's (night, object, filter) and setup: the group sharing one alignment reference."""
+    return [f["night"], f["object"], f["filter"], *_setup(f)]
 
 
 def _group_args(f: dict[str, Any]) -> list[Any]:
-    return [f["night"], f["object"], f["filter"], f["exptime"]]
+    """A frame's stack group: (night, object, filter, exposure) and setup."""
+    return [f["night"], f["object"], f["filter"], f["exptime"], *_setup(f)]
+
+
+def _stack_args(stack: dict[str, Any]) -> list[Any]:
+    """A stack row's group, to find its frames with :data:`_GROUP`."""
+    setup = [stack.get("camera"), stack.get("xbin") or 1, stack.get("ybin") or 1, stack.get("planes") or 1]
+    return [stack["night"], stack["object"], stack["filter"], stack["exptime"], *setup]
 
 
 def _score(row: dict[str, Any]) -> float:
@@ -315,10 +345,13 @@ class Stacker:
         return reason, transp
 
     def _reference(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        """The alignment reference of the frame's (night, object, filter) and setup, or None before the first."""
+        setup = _STACK_SETUP.replace("camera", "s.camera").replace("xbin", "s.xbin").replace("ybin", "s.ybin")
+        setup = setup.replace("planes", "s.planes")
         return self.archive.one(
             "SELECT f.* FROM stacks s JOIN frames f ON f.id = s.reference_frame_id "
-            "WHERE s.night = ? AND s.object IS ? AND s.filter IS ? ORDER BY s.id LIMIT 1",
-            [frame["night"], frame["object"], frame["filter"]],
+            f"WHERE s.night = ? AND s.object IS ? AND s.filter IS ? AND {setup} ORDER BY s.id LIMIT 1",
+            _target_args(frame),
         )
 
     def _align(self, frame: dict[str, Any], grade: Grade, ref: dict[str, Any]) -> None:
@@ -373,8 +406,17 @@ class Stacker:
         row = self.archive.one(f"SELECT * FROM stacks WHERE {_STACK_GROUP}", _group_args(frame))
         if row is not None:
             return row
-        path = self.layout.stack(frame["night"], frame["object"], frame["filter"], frame["exptime"])
+        # a second setup for the same (night, object, filter, exposure) names its stack after its camera
+        others = self.archive.scalar(
+            f"SELECT COUNT(*) FROM stacks WHERE {_TARGET} AND abs(exptime - ?) < 1e-6", _group_args(frame)[:4]
+        )
+        setup = None
+        if others:
+            setup = f"{frame.get('camera') or 'camera'}_{frame.get('xbin') or 1}x{frame.get('ybin') or 1}"
+            setup += "_rgb" if _planes(frame) == 3 else ""
+        path = self.layout.stack(frame["night"], frame["object"], frame["filter"], frame["exptime"], setup=setup)
         now = now_iso()
+        camera, xbin, ybin, planes = _setup(frame)
         self.archive.put(
             "stacks",
             {
@@ -382,6 +424,10 @@ class Stacker:
                 "filter": frame["filter"],
                 "exptime": frame["exptime"],
                 "night": frame["night"],
+                "camera": camera,
+                "xbin": xbin,
+                "ybin": ybin,
+                "planes": planes,
                 "path": self.layout.relative(path),
                 "n_frames": 0,
                 "total_exptime": 0.0,
@@ -414,7 +460,7 @@ class Stacker:
         self, stack: dict[str, Any], image: Image | None, members: list[dict[str, Any]], final: bool
     ) -> None:
         """Write the stack's FITS and picture (unless ``image`` is None: membership only) and record its members."""
-        preview = self.layout.stack_preview(stack["night"], stack["object"], stack["filter"], stack["exptime"])
+        preview = self.layout.stack_preview(stack)
         if image is not None:
             write_fits_atomic(self.layout.root / stack["path"], image)
             last = self.stack_previews.get(stack["id"])
@@ -479,8 +525,8 @@ class Stacker:
             log.warning("%s would be a better reference but does not match the current one: %s", frame["path"], exc)
             return False
         to_new = to_old.inverse()
-        args = [frame["night"], frame["object"], frame["filter"]]
-        where = "night = ? AND object IS ? AND filter IS ?"
+        args = _target_args(frame)
+        where = f"{_TARGET} AND {_STACK_SETUP}"
         log.info(
             "%s is the new alignment reference of %s %s (%.1f vs %.1f stars per pixel of FWHM); moving its stacks",
             frame["path"],
@@ -545,16 +591,6 @@ class Stacker:
             log.info("rejected %s: %s", frame["path"], reason)
             return False
         ref = self._reference(frame)
-        if ref is not None and len(stack_shape(ref)) != len(stack_shape(frame)):
-            mine, theirs = ("colour", "mono") if len(stack_shape(frame)) == 3 else ("mono", "colour")
-            self.unaligned(
-                frame,
-                AlignError(
-                    f"a {mine} frame, and the reference of {frame['object']} {frame['filter'] or '(no filter)'} "
-                    f"this night is {theirs} (file the two cameras under other objects or filters)"
-                ),
-            )
-            return False
         if ref is None:
             self._stack_row(frame, frame["id"])  # the first good frame of its target and filter: the reference
         elif _score(frame) > REBASE_FACTOR * _score(ref):
@@ -579,9 +615,9 @@ class Stacker:
         """Members of the frame's (night, object, filter) aligned onto ``ref``, farthest from it first (a frame
         the reference does not reach is likely dithered far from it), at most :data:`MAX_BRIDGES`."""
         rows = self.archive.query(
-            "SELECT * FROM frames WHERE night = ? AND object IS ? AND filter IS ? AND kind = 'light' "
+            f"SELECT * FROM frames WHERE {_TARGET} AND {_FRAME_SETUP} AND kind = 'light' "
             "AND status = 'stacked' AND align_ref_id = ? AND id NOT IN (?, ?) AND align_transform IS NOT NULL",
-            [frame["night"], frame["object"], frame["filter"], ref["id"], frame["id"], ref["id"]],
+            [*_target_args(frame), ref["id"], frame["id"], ref["id"]],
         )
         found = []
         for row in rows:
@@ -664,7 +700,7 @@ class Stacker:
         group = self.archive.query(
             f"SELECT * FROM frames WHERE {_GROUP} AND n_stars IS NOT NULL AND status IN ('stacked', 'rejected') "
             "ORDER BY id",
-            [stack["night"], stack["object"], stack["filter"], stack["exptime"]],
+            _stack_args(stack),
         )
         ref = self.archive.frame(stack["reference_frame_id"])
         accepted: list[dict[str, Any]] = []
@@ -710,7 +746,7 @@ class Stacker:
             aligned=[self.layout.root / f["aligned_path"] for f in accepted],
             header=self._stack_header(stack, accepted, final=True),
             path=self.layout.root / stack["path"],
-            preview=self.layout.stack_preview(stack["night"], stack["object"], stack["filter"], stack["exptime"]),
+            preview=self.layout.stack_preview(stack),
             sigma=self.rules.sigma,
             mem_limit_bytes=int(self.rules.mem_limit_mb * 2**20),
         )

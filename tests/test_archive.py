@@ -88,3 +88,39 @@ def test_a_reader_sees_the_archive_while_the_daemon_writes(tmp_path: Path) -> No
 def test_opening_a_missing_archive_read_only_says_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no archive at"):
         Archive(tmp_path / "nowhere", create=False)
+
+
+def test_an_archive_from_before_stack_setups_is_migrated_with_its_stacks_kept(tmp_path: Path) -> None:
+    """m005_stack_setup on an archive made by the previous version: a stack row gets its reference frame's camera
+    setup, and a second setup of the same (night, object, filter, exposure) can then have its own stack."""
+    import sqlite_utils
+
+    db = sqlite_utils.Database(tmp_path / DB_NAME)
+    earlier = [m for m in migrations._migrations if m.name != "m005_stack_setup"]
+    for m in earlier:
+        m.fn(db)
+    db["_sqlite_migrations"].insert_all(
+        [{"migration_set": "nightshift", "name": m.name, "applied_at": "2026-11-30T00:00:00"} for m in earlier],
+        pk="id",
+    )
+    ref = (
+        db["frames"]
+        .insert({"path": "/cam/a.fits", "status": "stacked", "camera": "QHY268M", "xbin": 2, "ybin": 2, "cfa": None})
+        .last_pk
+    )
+    group = {"night": "2026-11-25", "object": "M 42", "filter": "V", "exptime": 30.0}
+    db["stacks"].insert({**group, "path": "stacks/a.fits", "reference_frame_id": ref, "state": "final"})
+    db.conn.close()
+
+    archive = Archive(tmp_path)
+    try:
+        assert migrations.pending(archive.db) == []
+        (row,) = archive.query("SELECT * FROM stacks")
+        assert (row["camera"], row["xbin"], row["ybin"], row["planes"]) == ("QHY268M", 2, 2, 1)
+        archive.put("stacks", {**group, "path": "stacks/b.fits", "camera": "ZWO", "xbin": 1, "ybin": 1, "planes": 3})
+        with pytest.raises(sqlite3.IntegrityError):  # the same setup twice is still one stack
+            archive.put(
+                "stacks", {**group, "path": "stacks/c.fits", "camera": "ZWO", "xbin": 1, "ybin": 1, "planes": 3}
+            )
+    finally:
+        archive.close()

@@ -413,9 +413,9 @@ def test_a_camera_whose_headers_say_nothing_is_set_by_the_configuration(tmp_path
         colour.close()
 
 
-def test_a_mono_camera_on_the_same_target_is_kept_out_of_the_colour_stack(tmp_path: Path) -> None:
-    """A mono camera's lights of the same object, filter (none) and exposure, after the colour camera's: they
-    cannot join its colour stack, and are rejected with the reason, never lost to an error."""
+def test_a_mono_camera_on_the_same_target_gets_its_own_stack(tmp_path: Path) -> None:
+    """A mono camera's lights of the same object, filter (none) and exposure as a colour camera's (a dual rig):
+    their pixels differ, so they get their own reference and stack beside the colour one; none is lost."""
     camera = tmp_path / "camera"
     _colour_night(camera, "RGGB", "TOP-DOWN", n_light=2, meridian_flip=False, size=256, dialect="nina")
     simulate_night(
@@ -432,6 +432,7 @@ def test_a_mono_camera_on_the_same_target_is_kept_out_of_the_colour_stack(tmp_pa
             cloudy=0,
             meridian_flip=False,
             dialect="maxim",
+            camera="ZWO ASI1600MM",
             start="2026-11-25T23:00:00",
         ),
     )
@@ -441,8 +442,15 @@ def test_a_mono_camera_on_the_same_target_is_kept_out_of_the_colour_stack(tmp_pa
         colour = [r for r in lights if r["cfa"] is not None]
         mono = [r for r in lights if r["cfa"] is None]
         assert len(colour) == len(mono) == 2
-        assert all(r["status"] == "stacked" for r in colour)
-        for r in mono:
-            assert r["status"] == "rejected" and "a mono frame" in r["reason"] and "is colour" in r["reason"]
+        assert all(r["status"] == "stacked" for r in lights), [(r["path"], r["reason"]) for r in lights]
+        stacks = {s["id"]: s for s in archive.query("SELECT * FROM stacks")}
+        assert len(stacks) == 2
+        assert {stacks[r["stack_id"]]["planes"] for r in colour} == {3}
+        assert {stacks[r["stack_id"]]["planes"] for r in mono} == {1}
+        assert {stacks[r["stack_id"]]["camera"] for r in mono} == {"ZWO ASI1600MM"}
+        assert len({s["path"] for s in stacks.values()}) == 2  # the second setup's stack is named after its camera
+        for s in stacks.values():
+            with fits.open(archive.root / s["path"]) as hdul:
+                assert hdul[0].header["NAXIS"] == (3 if s["planes"] == 3 else 2)
     finally:
         archive.close()

@@ -391,3 +391,30 @@ def test_calibrated_lights_and_stacks_keep_the_world_coordinates(tmp_path: Path)
     ref_raw = fits.getheader(ref["path"])
     assert {k: stacked[k] for k in wcs_keys} == {k: ref_raw[k] for k in wcs_keys}
     archive.close()
+
+
+def test_two_cameras_on_one_target_each_get_their_stacks(tmp_path: Path) -> None:
+    """A dual rig: two cameras take the same object, filters and exposures in one night. Their
+    pixels differ, so each camera has its own masters, alignment reference and stacks; every good light of both
+    is stacked (before stacks had a setup, the second camera's lights were rejected as unaligned)."""
+    camera = tmp_path / "camera"
+    common = {"size": 192, "n_bias": 3, "n_dark": 3, "n_flat": 3, "n_light": 2, "cloudy": 0, "filters": ("V",)}
+    simulate_night(camera / "main", SimConfig(**common, camera="SBIG STL-11000M", seed=1))
+    simulate_night(camera / "guide", SimConfig(**common, camera="ZWO ASI183MM", seed=2, start="2026-11-25T18:45:00"))
+    archive = reduce_night(camera, tmp_path / "a")
+    try:
+        lights = archive.query("SELECT * FROM frames WHERE kind = 'light'")
+        assert len(lights) == 8
+        assert all(r["status"] == "stacked" for r in lights), [(r["path"], r["reason"]) for r in lights]
+        stacks = archive.query("SELECT * FROM stacks ORDER BY id")
+        assert len(stacks) == 4  # (30 s, 300 s) x two cameras
+        by_id = {s["id"]: s for s in stacks}
+        for r in lights:
+            stack = by_id[r["stack_id"]]
+            assert stack["camera"] == r["camera"]
+            ref = archive.frame(stack["reference_frame_id"])
+            assert ref["camera"] == r["camera"]
+        assert len({s["path"] for s in stacks}) == 4
+        assert sum("ZWO" in s["path"] or "SBIG" in s["path"] for s in stacks) == 2  # the second setup is named
+    finally:
+        archive.close()
