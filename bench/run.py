@@ -1058,6 +1058,26 @@ def _versus_siril(si: dict[str, Any], nightshift_s: float, baseline_s: float) ->
         "baseline": median_sharpness(others["baseline"]),
         "siril": median_sharpness(si["stacks"]),
     }
+
+    def by_stack(stacks: dict[str, Any]) -> dict[str, float]:
+        """FWHM per stack, keyed alike on every side (``NGC_6939_B_300s``)."""
+        out = {}
+        for name, value in stacks.items():
+            fwhm = (value or {}).get("fwhm_px")
+            if fwhm:
+                out[name.removesuffix(".fits").replace("__", "_")] = fwhm
+        return out
+
+    ours = by_stack(others["nightshift"])
+    per_stack_ratio = {}
+    for side, stacks in (("baseline", others["baseline"]), ("siril", si["stacks"])):
+        theirs = by_stack(stacks)
+        ratios = [ours[k] / theirs[k] for k in sorted(set(ours) & set(theirs))]
+        per_stack_ratio[side] = {
+            "mean": _r(sum(ratios) / len(ratios)) if ratios else None,
+            "worst": _r(max(ratios)) if ratios else None,
+            "stacks": len(ratios),
+        }
     return {
         "siril_version": si["version"],
         "siril_finished": si["finished"],
@@ -1071,6 +1091,7 @@ def _versus_siril(si: dict[str, Any], nightshift_s: float, baseline_s: float) ->
         "sharper_than_siril": None
         if None in (fwhm["nightshift"], fwhm["siril"])
         else fwhm["nightshift"] < fwhm["siril"],
+        "fwhm_ratio_nightshift_over": per_stack_ratio,
         "stack_fwhm_px": {
             "nightshift": {k: v["fwhm_px"] for k, v in others["nightshift"].items()},
             "baseline": {k: v["fwhm_px"] for k, v in others["baseline"].items()},
@@ -1082,7 +1103,9 @@ def _versus_siril(si: dict[str, Any], nightshift_s: float, baseline_s: float) ->
         "register with global star alignment, stack rej 3 3 -norm=addscale), one siril-cli script for the masters "
         "and one per stack, wall times summed; a stack Siril cannot register is listed in siril_stacks_failed. "
         "Siril keeps every light it can register (no grading), nightshift rejects the cloudy one. "
-        "FWHM: median half-flux diameter of isolated unsaturated stars with sep, the same yardstick for every "
+        "fwhm_ratio_nightshift_over: nightshift's stack FWHM over the other side's, stack by stack (below 1: "
+        "nightshift sharper), mean and worst. FWHM: median half-flux diameter of isolated unsaturated stars "
+        "with sep, the same yardstick for every "
         "side (bench/siril.py).",
     }
 

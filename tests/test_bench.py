@@ -188,6 +188,9 @@ def test_siril_ran_on_the_same_night_and_every_side_is_measured(bench: tuple[dic
     assert v["ratio_whole_night_vs_siril"] == pytest.approx(
         v["whole_night_s"]["siril"] / v["whole_night_s"]["nightshift"], rel=0.05
     )
+    for side in ("baseline", "siril"):
+        ratio = v["fwhm_ratio_nightshift_over"][side]
+        assert ratio["stacks"] >= 1 and 0.5 < ratio["mean"] <= ratio["worst"] < 2.0, (side, ratio)
     # stars of a 3 px seeing night: any side's stack far outside this range was measured wrong
     for side, fwhm in v["stack_fwhm_px_median"].items():
         assert fwhm is not None and 2.0 < fwhm < 6.0, (side, fwhm)
