@@ -645,6 +645,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _drop_cached(fd: int) -> None:
+    """Let the kernel drop a file's pages from the page cache once they are on disk.
+
+    A night writes gigabytes of products that are read at most once, later: cached, they would evict what the
+    capture program and the system use. Recycling those pages also makes the next write fast where fresh pages are
+    slow to come by (a virtual machine whose free memory goes back to the host: a 16 MB product took 0.22 s to
+    write and fsync on this project's 2-core VM, 0.018 s with its pages dropped after each file).
+    """
+    if hasattr(os, "posix_fadvise"):  # not on macOS
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def _write_atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -654,6 +667,7 @@ def _write_atomic(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            _drop_cached(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -670,7 +684,7 @@ def write_fits_atomic(path: Path, image: Image, *, extra_hdus: list | None = Non
     ----------
     path : Path
         Destination; parent folders are created. A temp file ``.<name>.<random>.tmp`` in the same folder is
-        written, fsynced and renamed over ``path``; the folder is fsynced.
+        written, fsynced (its pages then dropped from the page cache) and renamed over ``path``; the folder is fsynced.
     image : Image
         Pixels go to the primary HDU as float32 under ``image.header`` (its BZERO/BSCALE/BLANK, structural
         and checksum keywords dropped); ``image.mask`` and ``image.saturated``, if any, to an ImageHDU named
