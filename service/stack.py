@@ -13,6 +13,7 @@ SATURATE) wherever any frame saturated, flagged saturated in the MASK extension,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -265,8 +266,45 @@ def _sky_stats(data_hdu: Any, mask_hdu: Any, n_rows: int, plane: int | None = No
 
 #: Values (frames x pixels) sigma-clipped at a time: a few MB of temporaries.
 _CLIP_CHUNK_VALUES = 2**18
+#: Up to this many frames a pixel's values are sorted by a sorting network (:func:`_sort_columns`).
+_NETWORK_MAX_FRAMES = 32
 #: astropy's mad_std: the MAD of a normal distribution times this is its standard deviation.
 _MAD_TO_STD = 1.482602218505602
+
+
+@functools.lru_cache
+def _network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort for ``n`` items: its compare-exchange pairs (i, j), i < j, in order (those of
+    the next power of two that touch only the first ``n``: the missing items count as +inf)."""
+    size = 1 << max(0, (n - 1).bit_length())
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple((a, b) for a, b in pairs if b < n)
+
+
+def _sort_columns(values: np.ndarray) -> None:
+    """Sort each column of ``values`` (n, pixels) in place; no NaN allowed (+inf sorts last).
+
+    A few frames are sorted by a sorting network of whole-row minima and maxima: numpy's sort along axis 0 makes
+    a call per pixel, 3-6x slower for 4 to 16 frames."""
+    n = values.shape[0]
+    if n > _NETWORK_MAX_FRAMES:
+        values.sort(axis=0)
+        return
+    low = np.empty_like(values[0])
+    for a, b in _network(n):
+        np.minimum(values[a], values[b], out=low)
+        np.maximum(values[a], values[b], out=values[b])
+        values[a] = low
 
 
 def _take(a: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -291,9 +329,9 @@ def _clip_bounds(cube: np.ndarray, sigma: float, maxiters: int = 5) -> tuple[np.
     values take no part; a pixel with none gets NaN bounds.
 
     The same bounds as astropy's ``sigma_clip(cenfunc="median", stdfunc="mad_std", axis=0)`` (its C loop, pixel
-    by pixel), computed on the values sorted once: what is kept is always a run of the sorted values, so a
-    median is two lookups, and after the first round only the pixels whose run changed are visited again. Done
-    in chunks of pixels whose temporaries stay small (reused memory, in cache).
+    by pixel), computed on the values sorted once (:func:`_sort_columns`): what is kept is always a run of the
+    sorted values, so a median is two lookups, and after the first round only the pixels whose run changed are
+    visited again. Done in chunks of pixels whose temporaries stay small (reused memory, in cache).
     """
     n = cube.shape[0]
     flat = cube.reshape(n, -1)
@@ -311,10 +349,10 @@ def _clip_chunk(chunk: np.ndarray, sigma: float, maxiters: int) -> tuple[np.ndar
     """:func:`_clip_bounds` of the columns of one ``(n, pixels)`` chunk."""
     n, columns = chunk.shape
     values = chunk.copy()
-    values[np.isinf(values)] = np.nan  # an infinity is no value either
-    values.sort(axis=0)  # NaN last
+    values[~np.isfinite(values)] = np.inf  # NaN (masked) and infinities take no part: sorted last
+    _sort_columns(values)
     start = np.zeros(columns, dtype=np.intp)
-    stop = np.count_nonzero(~np.isnan(values), axis=0).astype(np.intp)
+    stop = np.count_nonzero(np.isfinite(values), axis=0).astype(np.intp)
     lower = np.full(columns, np.nan)
     upper = np.full(columns, np.nan)
     active = np.arange(columns)
@@ -329,7 +367,7 @@ def _clip_chunk(chunk: np.ndarray, sigma: float, maxiters: int) -> tuple[np.ndar
             np.subtract(deviation, median, out=deviation)
         np.abs(deviation, out=deviation)
         deviation[(ranks < lo) | (ranks >= hi)] = np.inf
-        deviation.sort(axis=0)
+        _sort_columns(deviation)
         spread = _window_median(deviation, np.zeros_like(lo), count) * _MAD_TO_STD
         low, high = median - sigma * spread, median + sigma * spread
         lower[active], upper[active] = low, high
