@@ -13,7 +13,6 @@ SATURATE) wherever any frame saturated, flagged saturated in the MASK extension,
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import tempfile
@@ -24,15 +23,15 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import mad_std
+from astropy.stats import mad_std, sigma_clip
+from astropy.utils.exceptions import AstropyUserWarning
 from nightshift.service.combine import BAND_BYTES
 from nightshift.service.fitsio import MASK_BAD, MASK_SATURATED
 from nightshift.service.frame import Image
 
 __all__ = ["LiveStack", "final_combine"]
 
-#: Bytes of working memory per pixel per frame in the final combine (the band cube, its sorted copy, the float64
-#: deviations and the masks).
+#: Bytes of working memory per pixel per frame in the final combine (the band cube and sigma_clip's copies).
 _BYTES_PER_SAMPLE = 24
 #: Rows sampled per frame to measure its sky level before combining.
 _SKY_ROWS = 32
@@ -264,133 +263,27 @@ def _sky_stats(data_hdu: Any, mask_hdu: Any, n_rows: int, plane: int | None = No
     return (level if math.isfinite(level) else 0.0), (noise if math.isfinite(noise) else 0.0)
 
 
-#: Values (frames x pixels) sigma-clipped at a time: a few MB of temporaries.
-_CLIP_CHUNK_VALUES = 2**18
-#: Up to this many frames a pixel's values are sorted by a sorting network (:func:`_sort_columns`).
-_NETWORK_MAX_FRAMES = 32
-#: astropy's mad_std: the MAD of a normal distribution times this is its standard deviation.
-_MAD_TO_STD = 1.482602218505602
-
-
-@functools.lru_cache
-def _network(n: int) -> tuple[tuple[int, int], ...]:
-    """Batcher's odd-even merge sort for ``n`` items: its compare-exchange pairs (i, j), i < j, in order (those of
-    the next power of two that touch only the first ``n``: the missing items count as +inf)."""
-    size = 1 << max(0, (n - 1).bit_length())
-    pairs = []
-    p = 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return tuple((a, b) for a, b in pairs if b < n)
-
-
-def _sort_columns(values: np.ndarray) -> None:
-    """Sort each column of ``values`` (n, pixels) in place; no NaN allowed (+inf sorts last).
-
-    A few frames are sorted by a sorting network of whole-row minima and maxima: numpy's sort along axis 0 makes
-    a call per pixel, 3-6x slower for 4 to 16 frames."""
-    n = values.shape[0]
-    if n > _NETWORK_MAX_FRAMES:
-        values.sort(axis=0)
-        return
-    low = np.empty_like(values[0])
-    for a, b in _network(n):
-        np.minimum(values[a], values[b], out=low)
-        np.maximum(values[a], values[b], out=values[b])
-        values[a] = low
-
-
-def _take(a: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``a[index[j], j]`` for every column j of a 2-D array."""
-    return np.take_along_axis(a, index[None, :], axis=0)[0]
-
-
-def _window_median(values: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Median (float64) of ``values[start:start + count, j]`` per column j of column-sorted ``values``; NaN for
-    an empty window."""
-    first = np.maximum(start + (count - 1) // 2, 0)
-    second = np.maximum(start + count // 2, 0)
-    median = (_take(values, first).astype(np.float64) + _take(values, second)) * 0.5
-    median[count <= 0] = np.nan
-    return median
-
-
-def _clip_bounds(cube: np.ndarray, sigma: float, maxiters: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper bounds of an iterated sigma clip along axis 0 of ``(n, rows, columns)``: per pixel, the
-    values' median plus or minus ``sigma`` times their MAD-based standard deviation, values outside dropped and
-    the bounds recomputed on the rest, until nothing changes (at most ``maxiters`` times). NaN and infinite
-    values take no part; a pixel with none gets NaN bounds.
-
-    The same bounds as astropy's ``sigma_clip(cenfunc="median", stdfunc="mad_std", axis=0)`` (its C loop, pixel
-    by pixel), computed on the values sorted once (:func:`_sort_columns`): what is kept is always a run of the
-    sorted values, so a median is two lookups, and after the first round only the pixels whose run changed are
-    visited again. Done in chunks of pixels whose temporaries stay small (reused memory, in cache).
-    """
-    n = cube.shape[0]
-    flat = cube.reshape(n, -1)
-    lower = np.empty(flat.shape[1])
-    upper = np.empty(flat.shape[1])
-    chunk = max(1, _CLIP_CHUNK_VALUES // n)
-    for c0 in range(0, flat.shape[1], chunk):
-        c1 = min(flat.shape[1], c0 + chunk)
-        lower[c0:c1], upper[c0:c1] = _clip_chunk(flat[:, c0:c1], sigma, maxiters)
-    shape = cube.shape[1:]
-    return lower.reshape(shape), upper.reshape(shape)
-
-
-def _clip_chunk(chunk: np.ndarray, sigma: float, maxiters: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_clip_bounds` of the columns of one ``(n, pixels)`` chunk."""
-    n, columns = chunk.shape
-    values = chunk.copy()
-    values[~np.isfinite(values)] = np.inf  # NaN (masked) and infinities take no part: sorted last
-    _sort_columns(values)
-    start = np.zeros(columns, dtype=np.intp)
-    stop = np.count_nonzero(np.isfinite(values), axis=0).astype(np.intp)
-    lower = np.full(columns, np.nan)
-    upper = np.full(columns, np.nan)
-    active = np.arange(columns)
-    ranks = np.arange(n)[:, None]
-    for _ in range(maxiters):
-        part = values if len(active) == columns else values[:, active]
-        lo, hi = start[active], stop[active]
-        count = hi - lo
-        median = _window_median(part, lo, count)
-        deviation = part.astype(np.float64)  # as astropy: in double (and a mixed-type subtraction is 10x slower)
-        with np.errstate(invalid="ignore"):
-            np.subtract(deviation, median, out=deviation)
-        np.abs(deviation, out=deviation)
-        deviation[(ranks < lo) | (ranks >= hi)] = np.inf
-        _sort_columns(deviation)
-        spread = _window_median(deviation, np.zeros_like(lo), count) * _MAD_TO_STD
-        low, high = median - sigma * spread, median + sigma * spread
-        lower[active], upper[active] = low, high
-        with np.errstate(invalid="ignore"):
-            new_lo = np.maximum(lo, np.count_nonzero(part < low, axis=0))
-            new_hi = np.minimum(hi, np.count_nonzero(part <= high, axis=0))
-        start[active], stop[active] = new_lo, new_hi
-        # as astropy's loop: a pixel stops when its values stop changing, or when none would be left
-        moving = ((new_lo != lo) | (new_hi != hi)) & (new_hi > new_lo)
-        active = active[moving]
-        if len(active) == 0:
-            break
-    return lower, upper
-
-
 def _clipped_mean(cube: np.ndarray, sigma: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """Mean and count along axis 0 of the values within ``sigma`` robust deviations of each pixel's median.
 
-    The bounds of an iterated MAD-based sigma clip (:func:`_clip_bounds`) give each pixel's centre and spread;
-    the spread is then never allowed below the frames' sky noise ``floor``: with a handful of frames the MAD of a
+    astropy's sigma_clip (its fast C path: median centre, MAD-based spread, iterated) gives the bounds; the
+    spread is then never allowed below the frames' sky noise ``floor``: with a handful of frames the MAD of a
     pixel is itself noisy, and where it comes out low, clipping would throw good values away.
     """
-    lo, hi = _clip_bounds(cube, sigma)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, lo, hi = sigma_clip(
+            cube,
+            sigma=sigma,
+            maxiters=5,
+            cenfunc="median",
+            stdfunc="mad_std",
+            axis=0,
+            masked=True,
+            copy=False,
+            return_bounds=True,
+        )
     centre = (lo + hi) * np.float32(0.5)
     half_width = np.maximum((hi - lo) * np.float32(0.5), np.float32(sigma * floor))
     with np.errstate(invalid="ignore"):

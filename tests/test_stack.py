@@ -203,32 +203,3 @@ def test_a_star_saturated_in_every_frame_stays_whole(tmp_path):
     live.save_state(tmp_path / "live.npz")
     back = LiveStack.load_state(tmp_path / "live.npz")
     assert np.array_equal(back.saturated, live.saturated) and back.saturation_levels == [level] * 3
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 31])
-def test_clip_bounds_are_astropys_sigma_clip_bounds(n):
-    """The final combine's clipping is astropy's iterated median/MAD sigma clip, value for value, on stacks with
-    outliers, masked (NaN) and infinite values, ties, and pixels with no value at all."""
-    import warnings
-
-    from astropy.stats import sigma_clip
-    from nightshift.service.stack import _clip_bounds
-
-    rng = np.random.default_rng(n)
-    cube = rng.normal(200.0, 10.0, (n, 40, 150)).astype(np.float32)
-    u = rng.random(cube.shape)
-    cube[u < 0.05] += rng.normal(0.0, 500.0, int((u < 0.05).sum())).astype(np.float32)  # cosmic rays, trails
-    cube[u > 0.97] = np.nan
-    cube[(u > 0.5) & (u < 0.502)] = np.inf
-    cube[(u > 0.6) & (u < 0.601)] = -np.inf
-    cube[:, :4, :4] = 7.0  # every frame the same value
-    cube[:, 5, 5] = np.nan  # masked in every frame
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, lo, hi = sigma_clip(
-            cube.copy(), sigma=3.0, maxiters=5, cenfunc="median", stdfunc="mad_std", axis=0, return_bounds=True
-        )
-    lower, upper = _clip_bounds(cube.copy(), 3.0)
-    assert np.array_equal(lower, lo, equal_nan=True)
-    assert np.array_equal(upper, hi, equal_nan=True)
-    assert np.isnan(lower[5, 5]) and lower[0, 0] == upper[0, 0] == 7.0
