@@ -17,10 +17,11 @@ is a decision (a refused calibration, a quarantined file) or a bug that the pipe
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
-import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -48,7 +49,8 @@ _REMOTE = re.compile(r"^[a-z][a-z0-9+]*://\S+:\d+$")
 #: How long a client waits for the scheduler to answer, and for a first worker to join it.
 CONNECT_SECONDS = 30.0
 WORKER_WAIT_SECONDS = 60.0
-#: Set by Dask's nanny in its workers' environment by default; unset for nightshift's workers (see warn_about_malloc).
+#: Set by Dask's nanny in its workers' environment by default; unset for the workers of ``local:N`` (and overridden
+#: in every worker by :func:`keep_freed_memory`).
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 #: Short calls (``small``) sent to a Dask worker in one task: a round trip costs a few milliseconds.
 SMALL_PER_TASK = 8
@@ -140,10 +142,46 @@ def one_opencv_thread() -> None:
     cv2.setNumThreads(1)
 
 
+#: glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+#: Freed memory a process keeps for the next frame's arrays (beyond it, the top of the heap goes back).
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory of the last frame's arrays for the next one (glibc; elsewhere nothing).
+
+    By default glibc maps every array above 32 MB afresh and unmaps it when freed, and worker threads get heaps
+    of their own that map anything above 64 MB: each frame's pixels then land on pages new to the process, which
+    the kernel must find and zero (on a virtual machine whose freed memory goes back to the host, several ms per
+    MB: a 140 MB colour cube took 1-2 s to first touch on this project's VM, 0.02 s reused). Here arrays come
+    from one heap shared by the threads and up to :data:`KEEP_FREED_BYTES` of freed memory stays with it:
+    resident memory stays near the night's peak instead of falling between frames. Must run before the
+    compute threads start. Returns whether glibc took the settings.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_ARENA_MAX, 1),
+            (_M_MMAP_THRESHOLD, KEEP_FREED_BYTES),
+            (_M_TRIM_THRESHOLD, KEEP_FREED_BYTES),
+        )
+    )
+
+
 class LocalExecutor(Executor):
     """Threads of this process (numpy, FITS I/O, hashing and PNG encoding release the GIL); 1 = inline."""
 
     def __init__(self, workers: int = 1) -> None:
+        keep_freed_memory()
         one_opencv_thread()
         self.slots = max(1, workers)
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="worker") if self.slots > 1 else None
@@ -194,7 +232,7 @@ def _task(probe: StorageProbe | None, fn: Callable[[Any], Any], items: list[Any]
 
 def start_local_cluster(n: int, **options: Any) -> Any:
     """A ``LocalCluster`` of ``n`` worker processes with one thread each (``local:N``), their environment without
-    ``MALLOC_TRIM_THRESHOLD_`` (see :meth:`DaskExecutor.warn_about_malloc`); the dashboard on a free port."""
+    ``MALLOC_TRIM_THRESHOLD_`` (see :func:`keep_freed_memory`); the dashboard on a free port."""
     import dask
     from distributed import LocalCluster
 
@@ -202,11 +240,13 @@ def start_local_cluster(n: int, **options: Any) -> Any:
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, **{"dashboard_address": ":0", **options})
 
 
-def _import_compute_steps() -> None:
+def _import_compute_steps() -> bool:
     """Import every step the pipeline composes on a worker, once, when the executor connects (astropy, scipy,
-    sep: a few seconds that would otherwise delay each worker's first task); one OpenCV thread per worker thread."""
+    sep: a few seconds that would otherwise delay each worker's first task); one OpenCV thread per worker thread;
+    freed memory kept for the next frame (returns whether it is, see :func:`keep_freed_memory`)."""
     importlib.import_module("nightshift.daemon.pipeline")
     one_opencv_thread()
+    return keep_freed_memory()
 
 
 def _quiet_dask_logs() -> None:
@@ -273,25 +313,17 @@ class DaskExecutor(Executor):
                 cluster.close()
             raise ExecutorError(f"no Dask worker joined the scheduler at {address} within {wait_seconds:g} s") from None
         executor = cls(client, cluster, address=client.scheduler.address)
-        executor.warn_about_malloc()
-        client.run(_import_compute_steps)
+        plain = sorted(w for w, kept in client.run(_import_compute_steps).items() if not kept)
+        if plain:
+            log.warning(
+                "%d Dask worker(s) could not be set to keep freed memory (not glibc): frame work there may take "
+                "up to twice as long: %s",
+                len(plain),
+                ", ".join(plain),
+            )
         return executor
 
     # -- the cluster ---------------------------------------------------------------------------------------------
-    def warn_about_malloc(self) -> list[str]:
-        """Warn about (and return) the workers whose nanny set ``MALLOC_TRIM_THRESHOLD_`` (Dask's default): glibc
-        then maps every large array afresh, and reading and combining frames takes about twice as long."""
-        slow = sorted(w for w, v in self.client.run(os.environ.get, MALLOC_TRIM).items() if v is not None)
-        if slow:
-            log.warning(
-                "%d Dask worker(s) run with %s set (Dask's nanny default), which makes frame work about twice as "
-                'slow; unset it in the workers\' Dask configuration (README, "Running at scale"): %s',
-                len(slow),
-                MALLOC_TRIM,
-                ", ".join(slow),
-            )
-        return slow
-
     def _count_threads(self) -> None:
         self._slots = max(1, sum(self.client.nthreads().values()))
         self._counted = time.monotonic()
