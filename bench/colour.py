@@ -77,6 +77,7 @@ def _times(per_frame: list[dict[str, float]]) -> dict[str, float]:
 
 
 def side_nightshift(work: Path, names: dict[str, list[str]], interpolation: str = "cubic") -> dict[str, Any]:
+    from nightshift.daemon.executor import keep_freed_memory
     from nightshift.service.calibrate import calibrate
     from nightshift.service.colour import develop
     from nightshift.service.fitsio import read_image, write_fits_atomic
@@ -85,6 +86,7 @@ def side_nightshift(work: Path, names: dict[str, list[str]], interpolation: str 
     from nightshift.service.register import apply_transform, find_transform
     from nightshift.service.stack import LiveStack
 
+    keep_freed_memory()  # as nightshift's compute slots run (daemon/executor.py)
     camera = work / "camera"
     paths = {k: [camera / n for n in v] for k, v in names.items()}
     bias = make_master_bias(paths["bias"])

@@ -410,16 +410,19 @@ def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     Each light goes onto the first light of its (object, filter, exposure), as the plain way does. Per light:
     star detection, matching and warping (Lanczos, the default; bicubic timed too) are timed alone; for the good
     lights (not cloudy, not trailed) the aligned frame's FWHM is compared with the calibrated frame's and the
-    transform with the simulator's true one at the frame's corners.
+    transform with the simulator's true one at the frame's corners. The process keeps freed memory for the next
+    frame, as nightshift's compute slots do.
     """
     import numpy as np
     from astropy.io import fits
     from nightshift.daemon.archive import Archive
+    from nightshift.daemon.executor import keep_freed_memory
     from nightshift.service.fitsio import read_flags, read_image, write_fits_atomic
     from nightshift.service.grade import grade_frame
     from nightshift.service.register import AlignError, apply_transform, find_transform
     from nightshift.service.stack import LiveStack
 
+    keep_freed_memory()  # as nightshift's compute slots run (daemon/executor.py)
     root = work / "archive-reduce"
     archive = Archive(root, create=False)
     try:
