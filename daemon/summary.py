@@ -18,8 +18,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines.append(f"masters: {masters}")
     lines.append(f"stacks: {len(summary['stacks'])}")
     for s in summary["stacks"]:
-        lines.append(
-            f"  {s['object']} {s['filter']} {s['exptime']:g}s night {s['night']}: {s['n_frames']} frames, "
-            f"{s['state']}  -> {s['path']}"
-        )
+        what = f"{s['object']} {s['filter'] or 'no filter'} {s['exptime']:g}s"
+        lines.append(f"  {what} night {s['night']}: {s['n_frames']} frames, {s['state']}  -> {s['path']}")
     return lines

@@ -234,3 +234,13 @@ def test_listings_stop_quietly_when_the_reader_goes_away(
     assert " ".join(done.stdout.split()).startswith(first), done.stdout
     assert err.read_text() == ""
     assert int(status.read_text()) in (0, 141)
+
+
+def test_summary_names_a_stack_without_filter_as_such() -> None:
+    """A colour camera's stack usually has no filter: the summary says so instead of printing None."""
+    from nightshift.daemon.summary import summary_lines
+
+    stack = {"object": "NGC 6939", "filter": None, "exptime": 30.0, "night": "2026-11-25", "n_frames": 4}
+    lines = summary_lines({"frames": {}, "masters": {}, "stacks": [{**stack, "state": "final", "path": "s.fits"}]})
+    assert "  NGC 6939 no filter 30s night 2026-11-25: 4 frames, final  -> s.fits" in lines
+    assert not any("None" in line for line in lines)
