@@ -25,18 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["corner_error", "main", "score_night"]
-
-
-def corner_error(estimate: Any, truth: Any, shape: tuple[int, int]) -> float:
-    """Largest distance (px) between where two frame -> reference 3x3 transforms put the frame's four corners."""
-    import numpy as np
-
-    h, w = shape
-    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
-    a = corners @ np.asarray(estimate)[:2, :2].T + np.asarray(estimate)[:2, 2]
-    b = corners @ np.asarray(truth)[:2, :2].T + np.asarray(truth)[:2, 2]
-    return float(np.max(np.hypot(*(a - b).T)))
+__all__ = ["main", "score_night"]
 
 
 def score_night(work: Path, size: int, *, max_offset: float, max_rotation: float, seed: int) -> dict[str, Any]:
@@ -46,7 +35,7 @@ def score_night(work: Path, size: int, *, max_offset: float, max_rotation: float
     from nightshift.daemon.batch import reduce_folders
     from nightshift.daemon.config import load_config
     from nightshift.daemon.pipeline import Pipeline
-    from nightshift.service.simulate import TRUTH_FILE, SimConfig, simulate_night
+    from nightshift.service.simulate import TRUTH_FILE, SimConfig, corner_error, simulate_night
 
     camera, root = work / "camera", work / "archive"
     config = SimConfig(size=size, n_light=4, trailed=1, max_offset=max_offset, max_rotation=max_rotation, seed=seed)

@@ -420,6 +420,7 @@ def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
     from nightshift.service.fitsio import read_flags, read_image, write_fits_atomic
     from nightshift.service.grade import grade_frame
     from nightshift.service.register import AlignError, apply_transform, find_transform
+    from nightshift.service.simulate import corner_error
     from nightshift.service.stack import LiveStack
 
     keep_freed_memory()  # as nightshift's compute slots run (daemon/executor.py)
@@ -492,7 +493,7 @@ def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
             if truth["good"] and ref_truth["good"]:
                 fwhm_ratio.append(grade_frame(aligned).fwhm / grade.fwhm)
                 true = np.array(ref_truth["transform"]) @ np.linalg.inv(np.array(truth["transform"]))
-                corner_px.append(_corner_error(transform.matrix, true, img.data.shape))
+                corner_px.append(corner_error(transform.matrix, true, img.data.shape))
     seconds = time.perf_counter() - t0
     n = max(1, len(rows))
     return {
@@ -514,17 +515,6 @@ def phase_nightshift_align(work: Path, p: dict[str, Any]) -> dict[str, Any]:
         },
         "agreement": _agreement(work, {r["path"]: root / r["calibrated_path"] for r in rows}),
     }
-
-
-def _corner_error(estimate: Any, truth: Any, shape: tuple[int, int]) -> float:
-    """Largest distance (px) between where two frame -> reference transforms put the frame's corners."""
-    import numpy as np
-
-    h, w = shape
-    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
-    a = corners @ np.asarray(estimate)[:2, :2].T + np.asarray(estimate)[:2, 2]
-    b = corners @ np.asarray(truth)[:2, :2].T + np.asarray(truth)[:2, 2]
-    return float(np.max(np.hypot(*(a - b).T)))
 
 
 def _agreement(work: Path, nightshift: dict[str, Path], n: int = 4) -> dict[str, Any]:

@@ -79,6 +79,7 @@ __all__ = [
     "NightPlan",
     "SimConfig",
     "SimFrame",
+    "corner_error",
     "plan_night",
     "simulate_night",
     "write_frame",
@@ -1533,3 +1534,13 @@ def simulate_night(
         if on_written is not None:
             on_written(frame, path)
     return plan
+
+
+def corner_error(estimate: Any, truth: Any, shape: tuple[int, int]) -> float:
+    """Largest distance (px) between where two frame -> reference 3x3 transforms put the frame's four corners:
+    a registration scored against ``truth.json`` (the true frame A -> B transform is ``T_B @ inv(T_A)``)."""
+    h, w = shape
+    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
+    a = corners @ np.asarray(estimate)[:2, :2].T + np.asarray(estimate)[:2, 2]
+    b = corners @ np.asarray(truth)[:2, :2].T + np.asarray(truth)[:2, 2]
+    return float(np.max(np.hypot(*(a - b).T)))

@@ -192,14 +192,3 @@ def calibrated_light(plan: NightPlan, frame: Any) -> Any:
         np.array(plan.true_response(frame.filter)), fits.Header({"IMAGETYP": "MASTER FLAT", "FILTER": frame.filter})
     )
     return calibrate(light, bias=bias, dark=dark, flat=flat)
-
-
-def corner_error(estimate: Any, truth: Any, shape: tuple[int, int]) -> float:
-    """Largest distance (px) between where two frame -> reference 3x3 transforms put the frame's four corners."""
-    import numpy as np
-
-    h, w = shape
-    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
-    a = corners @ np.asarray(estimate)[:2, :2].T + np.asarray(estimate)[:2, 2]
-    b = corners @ np.asarray(truth)[:2, :2].T + np.asarray(truth)[:2, 2]
-    return float(np.max(np.hypot(*(a - b).T)))

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import corner_error, reduce_night
+from conftest import reduce_night
 from nightshift.service.fitsio import read_flags, read_image
 from nightshift.service.grade import grade_frame
-from nightshift.service.simulate import TRUTH_FILE, SimConfig, simulate_night
+from nightshift.service.simulate import TRUTH_FILE, SimConfig, corner_error, simulate_night
 
 
 def scored_night(tmp_path: Path, config: SimConfig) -> dict[str, Any]:

@@ -167,7 +167,7 @@ def hard():
 
 
 def test_every_pair_of_lights_registers_to_truth(hard):
-    from conftest import corner_error
+    from nightshift.service.simulate import corner_error
 
     plan, frames, _, stars = hard
     errors = []
@@ -184,8 +184,8 @@ def test_every_pair_of_lights_registers_to_truth(hard):
 
 
 def test_wcs_guess_and_composed_transforms_agree_with_truth(hard):
-    from conftest import corner_error
     from nightshift.service.register import compose, wcs_transform
+    from nightshift.service.simulate import corner_error
 
     plan, frames, _, stars = hard
     a, b, c = 0, 3, 6  # B 30 s, V 300 s, V 30 s flipped
