@@ -77,22 +77,15 @@ class ClassifyConfig:
     bayer_pattern: dict[str, str] = field(default_factory=dict)
 
 
+#: ``[calibration] match_keys`` by default: what makes a dark or a flat fit a light of the same camera.
+DEFAULT_MATCH_KEYS = ("camera", "xbin", "ybin", "gain", "offset", "readout_mode", "naxis1", "naxis2")
+
+
 @dataclass
 class CalibrationConfig:
     min_frames: dict[str, int] = field(default_factory=lambda: {"bias": 3, "dark": 3, "flat": 3, "darkflat": 3})
     set_quiet_seconds: float = 120.0
-    match_keys: list[str] = field(
-        default_factory=lambda: [
-            "camera",
-            "xbin",
-            "ybin",
-            "gain",
-            "offset",
-            "readout_mode",
-            "naxis1",
-            "naxis2",
-        ]
-    )
+    match_keys: list[str] = field(default_factory=lambda: list(DEFAULT_MATCH_KEYS))
     temp_tolerance: float = 2.0
     max_age_days: dict[str, float] = field(
         default_factory=lambda: {"bias": 180, "dark": 90, "flat": 30, "darkflat": 30}
@@ -170,14 +163,7 @@ class Config:
 
 #: Archive columns a calibration can be matched on (``[calibration] match_keys`` picks from these).
 SETUP_KEYS = (
-    "camera",
-    "xbin",
-    "ybin",
-    "gain",
-    "offset",
-    "readout_mode",
-    "naxis1",
-    "naxis2",
+    *DEFAULT_MATCH_KEYS,
     "telescope",
     "bayerpat",
     "readout",
