@@ -18,7 +18,7 @@ from nightshift.daemon.archive import Archive
 from nightshift.daemon.batch import reduce_folders
 from nightshift.daemon.config import Config, config_from_dict
 from nightshift.daemon.pipeline import Pipeline
-from nightshift.service.simulate import NightPlan, SimConfig, simulate_night
+from nightshift.service.simulate import COLOUR_CAMERA, NightPlan, SimConfig, simulate_night
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -192,3 +192,25 @@ def calibrated_light(plan: NightPlan, frame: Any) -> Any:
         np.array(plan.true_response(frame.filter)), fits.Header({"IMAGETYP": "MASTER FLAT", "FILTER": frame.filter})
     )
     return calibrate(light, bias=bias, dark=dark, flat=flat)
+
+
+def one_exposure_config(**settings: Any) -> SimConfig:
+    """A small night of 300 s lights without filter, 3 frames of each calibration, none cloudy; ``settings``
+    (camera, size, lights, ...) on top."""
+    base: dict[str, Any] = {
+        "filters": (None,),
+        "n_bias": 3,
+        "n_dark": 3,
+        "dark_exptimes": (300.0,),
+        "n_flat": 3,
+        "light_exptimes": (300.0,),
+        "cloudy": 0,
+    }
+    return SimConfig(**{**base, **settings})
+
+
+def colour_night_config(pattern: str, row_order: str, **settings: Any) -> SimConfig:
+    """:func:`one_exposure_config` from the simulator's one-shot-colour camera, with this Bayer pattern and row
+    order."""
+    colour = {"bayer": pattern, "row_order": row_order, "camera": COLOUR_CAMERA}
+    return one_exposure_config(**{**colour, **settings})

@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import paths_of
+from conftest import colour_night_config, paths_of
 from nightshift.service.calibrate import CalibrationError, calibrate, colour_layout
 from nightshift.service.cfa import (
     CfaError,
@@ -44,26 +44,15 @@ LAYOUTS = [("RGGB", "TOP-DOWN"), ("GBRG", "BOTTOM-UP")]
 
 
 def colour_config(pattern: str, row_order: str, **more) -> SimConfig:
-    base = dict(
-        size=SIZE,
-        bayer=pattern,
-        row_order=row_order,
-        camera=COLOUR_CAMERA,
-        filters=(None,),
-        n_bias=3,
-        n_dark=3,
-        dark_exptimes=(300.0,),
-        n_flat=3,
-        n_light=2,
-        light_exptimes=(300.0,),
-        cloudy=0,
-        meridian_flip=False,
-        cosmic_rays=0.0,
-        dialect="nina",
-        subfolders=False,
-    )
-    base.update(more)
-    return SimConfig(**base)
+    settings = {
+        "size": SIZE,
+        "n_light": 2,
+        "meridian_flip": False,
+        "cosmic_rays": 0.0,
+        "dialect": "nina",
+        "subfolders": False,
+    }
+    return colour_night_config(pattern, row_order, **{**settings, **more})
 
 
 def make_masters(night):

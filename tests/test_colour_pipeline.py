@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import reduce_night
+from conftest import colour_night_config, one_exposure_config, reduce_night
 from nightshift.daemon.archive import Archive
 from nightshift.daemon.calsets import set_key
 from nightshift.daemon.choose import choose_for_light, find_master
 from nightshift.daemon.config import CalibrationConfig
 from nightshift.service.register import Transform
-from nightshift.service.simulate import COLOUR_CAMERA, NightPlan, SimConfig, simulate_night
+from nightshift.service.simulate import COLOUR_CAMERA, NightPlan, simulate_night
 from PIL import Image as PILImage
 
 pytestmark = pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
@@ -179,23 +179,9 @@ SIZE = 384
 
 
 def _colour_night(camera: Path, pattern: str, row_order: str, **more: Any) -> NightPlan:
-    config = dict(
-        size=SIZE,
-        bayer=pattern,
-        row_order=row_order,
-        camera=COLOUR_CAMERA,
-        filters=(None,),
-        n_bias=3,
-        n_dark=3,
-        dark_exptimes=(300.0,),
-        n_flat=3,
-        n_light=6,
-        light_exptimes=(300.0,),
-        cloudy=0,
-        meridian_flip=True,
+    return simulate_night(
+        camera, colour_night_config(pattern, row_order, **{"size": SIZE, "n_light": 6, "meridian_flip": True, **more})
     )
-    config.update(more)
-    return simulate_night(camera, SimConfig(**config))
 
 
 def _mono_flats_of_the_same_camera(plan: NightPlan, camera: Path) -> None:
@@ -420,16 +406,9 @@ def test_a_mono_camera_on_the_same_target_gets_its_own_stack(tmp_path: Path) -> 
     _colour_night(camera, "RGGB", "TOP-DOWN", n_light=2, meridian_flip=False, size=256, dialect="nina")
     simulate_night(
         camera,
-        SimConfig(
+        one_exposure_config(
             size=256,
-            filters=(None,),
-            n_bias=3,
-            n_dark=3,
-            dark_exptimes=(300.0,),
-            n_flat=3,
             n_light=2,
-            light_exptimes=(300.0,),
-            cloudy=0,
             meridian_flip=False,
             dialect="maxim",
             camera="ZWO ASI1600MM",
